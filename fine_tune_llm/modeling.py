@@ -1,0 +1,180 @@
+"""Tokenizer and model loading: quantization, the CPU 4-bit guard, LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .errors import ConfigError, EnvironmentNotReady
+
+log = logging.getLogger(__name__)
+OFFLINE_HINT = "`fine-tune-llm demo` (or `--preset tiny`) runs offline on CPU"
+
+
+def model_source(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    """Where the weights are: the tiny build, a local directory/.gguf file, or a Hub id."""
+    if cfg.base_model == "tiny-gemma":
+        from .tiny import tiny_model_dir
+
+        return str(tiny_model_dir()), {}
+    path = Path(cfg.base_model).expanduser()
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return cfg.base_model, ({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+
+
+def is_local(cfg: TrainConfig) -> bool:
+    return cfg.base_model == "tiny-gemma" or Path(cfg.base_model).expanduser().exists()
+
+
+def check_environment(cfg: TrainConfig) -> None:
+    """Fail in seconds, with one message, when the preset cannot run here."""
+    if cfg.requires_cuda and not torch.cuda.is_available():
+        raise EnvironmentNotReady(
+            f"preset {cfg.preset!r} ({cfg.base_model}) needs a CUDA GPU and none is visible. {OFFLINE_HINT}; "
+            f"`--preset smollm2-135m` trains a real small chat model on CPU.")
+    if not is_local(cfg):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise EnvironmentNotReady(f"{cfg.base_model} is not a local path and HF_HUB_OFFLINE=1. {OFFLINE_HINT}.")
+        _check_hub(cfg.base_model)
+
+
+def _check_hub(model_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(model_id, timeout=10)
+    except Exception as exc:  # DNS failure, timeout, 401 gated, 404: the fix is the same message
+        raise EnvironmentNotReady(
+            f"cannot reach {model_id!r} on the Hugging Face Hub ({type(exc).__name__}). Check the network, and for "
+            f"gated models accept the licence on the model page and run `hf auth login`. {OFFLINE_HINT}.") from None
+
+
+def _refuse_pickle(source: str, cfg: TrainConfig, kwargs: dict[str, Any]) -> None:
+    path = Path(source)
+    if cfg.allow_pickle or "gguf_file" in kwargs or not path.is_dir():
+        return
+    if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
+        raise ConfigError(f"{source} holds only pickled .bin weights, which can run code when loaded; convert "
+                          f"them to safetensors or pass --allow-pickle true if you trust the source")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    source, kwargs = model_source(cfg)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token is None:  # Llama-family GGUF tokenizers ship none; never pad with a token we train on
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.padding_side = "right"  # training pads right; generation switches to left locally
+    if tok.chat_template is None:
+        raise ConfigError(f"{cfg.base_model} has no chat template: use an instruction-tuned (chat) model")
+    return tok
+
+
+def torch_dtype(cfg: TrainConfig) -> torch.dtype:
+    return getattr(torch, cfg.dtype)
+
+
+def quantization_config(cfg: TrainConfig):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(cfg),
+            # FSDP shards flat parameters of one dtype: under FSDP, store the packed 4-bit weights as the
+            # compute dtype (https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp).
+            bnb_4bit_quant_storage=torch_dtype(cfg) if _fsdp() else torch.uint8)
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def device_map() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    if _fsdp():
+        return None  # FSDP places the shards itself
+    return {"": PartialState().local_process_index}  # one full copy per DDP process
+
+
+def load_model(cfg: TrainConfig, quantize: bool = True, dtype: torch.dtype | None = None):
+    """The base model, 4-bit (or as configured), frozen, ready for LoRA or evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = model_source(cfg)
+    _refuse_pickle(source, cfg, kwargs)
+    qconfig = quantization_config(cfg) if quantize else None
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype or torch_dtype(cfg), quantization_config=qconfig, device_map=device_map(),
+        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if ("gguf_file" in kwargs or cfg.allow_pickle) else True, **kwargs)
+    guard_cpu_4bit(model)
+    return model
+
+
+def guard_cpu_4bit(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' CPU 4-bit layers on the autograd-safe path.
+
+    On AVX512-BF16 CPUs the first no-grad forward (an eval pass) repacks Linear4bit weights, and later
+    training passes go through gemv_4bit, which has no autograd kernel: LoRA gradients come out silently wrong
+    (bitsandbytes 0.50.2 warns "an autograd kernel was not registered"). Disabling the repack avoids it.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Prepare a k-bit model for training and wrap it with LoRA adapters on every linear projection."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(cfg))
+    guard_cpu_4bit(model)
+    trainable, total = parameter_counts(model)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """Trainable and total parameters; 4-bit weights count as their unpacked size."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT knows each 4-bit storage dtype's packing
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def memory_footprint_mb(model: torch.nn.Module) -> float:
+    return model.get_memory_footprint() / 2**20
