@@ -1,0 +1,50 @@
+"""Shared fixtures. Everything runs offline on CPU; ../shared is used when present and skipped when not."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REAL_DATA = SHARED / "data" / "psychology-dataset" / "psychology_dataset.parquet"
+GEMMA_TOKENIZER = SHARED / "models" / "gemma-tokenizer"
+SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is for development and CI only)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from fine_tune_llm.config import make_config
+    from fine_tune_llm.modeling import load_tokenizer
+
+    return load_tokenizer(make_config("tiny"))
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(need(GEMMA_TOKENIZER))
+    tok.padding_side = "right"
+    return tok
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The tiny preset with every output under tmp_path."""
+    from fine_tune_llm.config import make_config
+
+    return make_config("tiny", output_dir=str(tmp_path / "run"), metrics_dir=str(tmp_path / "metrics"),
+                       imgs_dir=str(tmp_path / "imgs"))
