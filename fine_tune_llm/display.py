@@ -123,19 +123,13 @@ def answers_frame(results: list[dict[str, Any]]):
 
 
 def timing(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Throughput over a set of answers: wall time once per batch, so batched and one-by-one runs compare."""
+    """Throughput over a set of answers. Each answer's `seconds` is its share of its batch's wall time, so
+    the sum is the wall time, and one-by-one and batched runs compare directly."""
     tokens = sum(r["new_tokens"] for r in results)
-    seconds = _wall_seconds(results)
+    seconds = sum(r["seconds"] for r in results)
     return {"answers": len(results), "new tokens": tokens, "seconds": round(seconds, 3),
             "ms / token": round(1000 * seconds / max(tokens, 1), 2),
             "tokens / s": round(tokens / seconds, 1) if seconds else float("nan")}
-
-
-def _wall_seconds(results: list[dict[str, Any]]) -> float:
-    # Answers generated in one batch share a batch id and that batch's wall time; count it once.
-    if results and "batch" in results[0]:
-        return sum({r["batch"]: r["seconds"] for r in results}.values())
-    return sum(r["seconds"] for r in results)
 
 
 def side_by_side(questions: list[str], **answers: list[Any]):
