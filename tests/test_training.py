@@ -1,0 +1,118 @@
+"""QLoRA training on the tiny preset: the loss drops, the adapter reloads exactly, the CPU 4-bit guard holds."""
+
+import pytest
+import torch
+
+from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
+from fine_tune_llm.training import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from fine_tune_llm.config import make_config
+
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = make_config("tiny", output_dir=str(tmp / "run"), metrics_dir=str(tmp / "metrics"),
+                      imgs_dir=str(tmp / "imgs"), max_steps=24, eval_steps=12, save_steps=12)
+    return cfg, train(cfg, resume=False)
+
+
+def test_twenty_plus_qlora_steps_lower_the_training_loss(trained):
+    cfg, result = trained
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in result.log_history if "eval_loss" in h]
+    assert result.global_step == 24
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+    assert evals[-1] < evals[0], evals
+    assert cfg.quantization == "4bit"
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+
+
+def test_run_directory_holds_adapter_tokenizer_config_and_logs(trained):
+    _, result = trained
+    adapter = result.adapter_dir
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json",
+                 "generation_config.json", "training_config.yaml"):
+        assert (adapter / name).is_file(), name
+    assert (result.run_dir / "config.yaml").is_file()
+    assert list((result.run_dir / "logs").glob("events.out.tfevents.*"))
+    import json
+
+    gen = json.loads((adapter / "generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == [1, 5]  # <eos> and <end_of_turn> in the tiny vocabulary
+
+
+def test_saved_adapter_gives_the_same_logits_as_the_model_in_memory(trained):
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    cfg, result = trained
+    tok = load_tokenizer(cfg)
+    batch = tok(["I feel anxious before every exam.", "My sleep is a mess lately."], return_tensors="pt",
+                padding=True)
+    in_memory = result.model.eval()
+    # Prepared as in training (norms in fp32), adapter weights kept in the dtype they were trained in.
+    base = prepare_model_for_kbit_training(load_model(cfg), use_gradient_checkpointing=False)
+    reloaded = PeftModel.from_pretrained(base, result.adapter_dir, autocast_adapter_dtype=False).eval()
+    with torch.no_grad():
+        a = in_memory(**batch).logits.float()
+        b = reloaded(**batch).logits.float()
+    assert torch.equal(a, b) or torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+
+
+def lora_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grads_before_and_after_eval(cfg, guard: bool):
+    from fine_tune_llm import modeling
+
+    tok = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = add_lora(load_model(cfg), cfg)
+    for name, p in model.named_parameters():  # non-zero B so every LoRA matrix gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    if not guard:
+        import bitsandbytes as bnb
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = modeling_has_avx512bf16()
+    batch = tok(["It sounds like a hard week. Be gentle with yourself."], return_tensors="pt")
+    before = lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # the eval pass that repacks 4-bit weights on AVX512-BF16 CPUs
+    after = lora_grads(model, batch)
+    assert modeling.guard_cpu_4bit is not None
+    return before, after
+
+
+def modeling_has_avx512bf16() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return has_avx512bf16()
+
+
+def test_lora_gradients_are_identical_before_and_after_an_eval_pass(tiny_cfg):
+    before, after = grads_before_and_after_eval(tiny_cfg, guard=True)
+    assert len(before) == 2 * 7 * 2  # lora_A and lora_B for 7 projections in 2 layers
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+
+
+def test_without_the_guard_this_cpu_gets_wrong_gradients(tiny_cfg):
+    """Shows the guard is needed: the trap is real on AVX512-BF16 CPUs (skipped where it cannot occur)."""
+    try:
+        has = modeling_has_avx512bf16()
+    except ImportError:
+        pytest.skip("this bitsandbytes has no has_avx512bf16()")
+    if not has:
+        pytest.skip("this CPU has no AVX512-BF16: the repacking path does not exist here")
+    before, after = grads_before_and_after_eval(tiny_cfg, guard=False)
+    assert any(not torch.allclose(before[n], after[n], rtol=1e-2, atol=1e-6) for n in before)
