@@ -70,10 +70,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.max_steps:
         overrides["max_steps"] = args.max_steps
     cfg = make_config("tiny", **overrides)
+    _clear_previous_demo(cfg.output_dir)
     t0 = time.time()
     result = train(cfg, resume=False)
     report_training(result, time.time() - t0)
     return 0
+
+
+def _clear_previous_demo(output_dir: str) -> None:
+    """The demo always starts fresh: an old run's event files would otherwise mix into its curves."""
+    import shutil
+    from pathlib import Path
+
+    run = Path(output_dir)
+    if (run / "config.yaml").is_file():
+        shutil.rmtree(run)
 
 
 def report_training(result, seconds: float) -> None:
