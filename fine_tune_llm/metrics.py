@@ -5,17 +5,24 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
-# TensorBoard tag -> CSV stem. The Trainer logs "train/loss", "eval/loss", ...
+import yaml
+
+# TensorBoard tag -> CSV stem for the curves people look for by name. The Trainer logs "train/loss",
+# "eval/loss", ...; every other scalar is exported too, as its tag with "/" turned into "_".
 EXPORTS = {
     "train/loss": "train_loss",
     "eval/loss": "eval_loss",
     "train/learning_rate": "learning_rate",
     "train/grad_norm": "grad_norm",
 }
+CSV_HEADER = ["Wall time", "Step", "Value"]  # what TensorBoard's own "download CSV" writes
+
+Series = list[tuple[float, int, float]]
 
 
-def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[float, int, float]]]:
+def read_scalars(log_dir: str | Path) -> dict[str, Series]:
     """Every scalar event, unsampled: EventAccumulator keeps only 10,000 per tag unless told 0 (= all)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -30,49 +37,95 @@ def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[float, int, float]
     return {tag: [by_step[s] for s in sorted(by_step)] for tag, by_step in series.items()}
 
 
-def write_csv(path: Path, rows: list[tuple[float, int, float]]) -> None:
+def csv_stem(tag: str) -> str:
+    return EXPORTS.get(tag, tag.replace("/", "_"))
+
+
+def write_csv(path: Path, rows: Series) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["Wall time", "Step", "Value"])
+        writer.writerow(CSV_HEADER)
         writer.writerows(rows)
 
 
+def read_csv(path: str | Path) -> Series:
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        return [(float(w), int(s), float(v)) for w, s, v in reader]
+
+
 def export_scalars(run_dir: str | Path, metrics_dir: str | Path = "metrics") -> dict[str, Path]:
+    """One CSV per scalar tag: metrics/<stem>_<run>.csv."""
     run_dir, metrics_dir = Path(run_dir), Path(metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    scalars = read_scalars(run_dir / "logs")
     written = {}
-    for tag, stem in EXPORTS.items():
-        if tag in scalars:
-            path = metrics_dir / f"{stem}_{run_dir.name}.csv"
-            write_csv(path, scalars[tag])
-            written[stem] = path
+    for tag, rows in read_scalars(run_dir / "logs").items():
+        stem = csv_stem(tag)
+        path = metrics_dir / f"{stem}_{run_dir.name}.csv"
+        write_csv(path, rows)
+        written[stem] = path
     return written
 
 
-def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str = "") -> Path | None:
-    """Train and eval loss against step, and eval perplexity on a second panel."""
+def base_model_of(run_dir: Path) -> str:
+    """The base model named in the run's config.yaml, or "" when there is none."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return ""
+    values = yaml.safe_load(path.read_text()) or {}
+    return str(values.get("base_model") or "")
+
+
+def loss_figure(scalars: dict[str, Series], title: str):
+    """Left: train and eval loss against step. Right: eval perplexity = exp(eval loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for tag, label, style in (("train/loss", "train loss", dict(marker=".", lw=1.2)),
+                              ("eval/loss", "eval loss", dict(marker="o", lw=2))):
+        if tag in scalars:
+            steps, values = _xy(scalars[tag])
+            ax1.plot(steps, values, label=f"{label} (last {values[-1]:.3f})", **style)
+    ax1.set(xlabel="optimizer step", ylabel="loss (nats per answer token)", title="loss")
+    if "eval/loss" in scalars:
+        steps, values = _xy(scalars["eval/loss"])
+        ppl = [math.exp(min(v, 50)) for v in values]  # exp(50) is already meaningless; avoid overflow
+        ax2.plot(steps, ppl, marker="o", lw=2, color="tab:orange", label=f"eval perplexity (last {ppl[-1]:.2f})")
+        if max(ppl) / min(ppl) > 20:  # a collapse from thousands to tens reads better on a log axis
+            ax2.set_yscale("log")
+        ax2.legend()
+    else:
+        ax2.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set(xlabel="optimizer step", ylabel="perplexity", title="eval perplexity = exp(eval loss)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if ax1.lines:
+        ax1.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _xy(series: Series) -> tuple[list[int], list[float]]:
+    return [s for _, s, _ in series], [v for *_, v in series]
+
+
+def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str = "") -> Path | None:
+    """imgs/loss_<run>.png, titled with the run name and its base model (read from config.yaml if not given)."""
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
     scalars = read_scalars(run_dir / "logs")
     if "train/loss" not in scalars:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for tag, label in (("train/loss", "train loss"), ("eval/loss", "eval loss")):
-        if tag in scalars:
-            ax1.plot([s for _, s, _ in scalars[tag]], [v for *_, v in scalars[tag]], marker=".", label=label)
-    ax1.set(xlabel="optimizer step", ylabel="loss (nats / answer token)", title="loss")
-    ax1.legend()
-    if "eval/loss" in scalars:
-        ax2.plot([s for _, s, _ in scalars["eval/loss"]], [math.exp(min(v, 50)) for *_, v in scalars["eval/loss"]],
-                 marker="o", color="tab:orange")
-    ax2.set(xlabel="optimizer step", ylabel="perplexity", title="eval perplexity = exp(eval loss)")
-    fig.suptitle(f"{run_dir.name}  ({base_model})" if base_model else run_dir.name)
-    fig.tight_layout()
+    base_model = base_model or base_model_of(run_dir)
+    fig = loss_figure(scalars, f"{run_dir.name}  (base model: {base_model})" if base_model else run_dir.name)
     Path(imgs_dir).mkdir(parents=True, exist_ok=True)
     out = Path(imgs_dir) / f"loss_{run_dir.name}.png"
     fig.savefig(out, dpi=110)
@@ -81,8 +134,8 @@ def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str
 
 
 def export_run(run_dir: str | Path, metrics_dir: str | Path = "metrics", imgs_dir: str | Path = "imgs",
-               base_model: str = "") -> dict[str, Path]:
-    written = export_scalars(run_dir, metrics_dir)
+               base_model: str = "") -> dict[str, Any]:
+    written: dict[str, Any] = export_scalars(run_dir, metrics_dir)
     plot = plot_run(run_dir, imgs_dir, base_model)
     if plot is not None:
         written["plot"] = plot

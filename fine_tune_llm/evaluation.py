@@ -1,0 +1,193 @@
+"""Before/after evaluation of a run: base model vs base + adapter, on the held-out test split.
+
+One model is loaded; the base numbers come from the same weights with the adapter switched off
+(PeftModel.disable_adapter), so base and tuned see the same quantization, data, tokens and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .chat import build_messages, render_prompt
+from .config import TrainConfig, load_run_config
+from .data import load_splits
+from .errors import ConfigError, DataError
+from .modeling import guard_cpu_4bit, load_model, load_tokenizer, model_source
+from .scoring import language_metrics, model_device, preference_metrics, score_answers
+
+log = logging.getLogger(__name__)
+# Higher is better for these; lower is better for perplexity and bits per byte.
+METRIC_KEYS = ["perplexity", "bits_per_byte", "loss", "accuracy_normalized", "accuracy_sum", "mean_margin",
+               "mean_margin_sum"]
+
+
+def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype: str = "float32"):
+    """The base model as the config loads it (quantized as configured), plus the adapter when given.
+
+    Compute runs in float32 by default: bf16 logits differ in the third digit with the shape of the batch, and
+    evaluation numbers should not depend on the batch size. The stored weights stay as configured (4-bit).
+    """
+    eval_cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
+    if "gguf_file" in model_source(cfg)[1] and cfg.quantization != "none":
+        # transformers dequantizes GGUF weights on load and refuses a bitsandbytes config on top of them.
+        log.info("%s: GGUF weights load dequantized; evaluating without %s quantization", cfg.base_model,
+                 cfg.quantization)
+        eval_cfg = dataclasses.replace(eval_cfg, quantization="none")
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(eval_cfg)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ConfigError(f"no adapter in {adapter_dir} (adapter_config.json missing): did training finish?")
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    guard_cpu_4bit(model)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 128, do_sample: bool = False,
+                     seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    """Answer each question through the chat template; stop at <eos> or the end of the model's turn.
+
+    Batches are padded on the left so every prompt ends where generation starts. `seconds` is the batch's wall
+    time shared equally by its answers. Sampling reseeds first, so base and tuned draw the same random stream.
+    """
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from .training import generation_config
+
+    gen = generation_config(tokenizer, getattr(model, "generation_config", None))
+    gen.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if not do_sample:  # greedy: drop sampling knobs a base config may carry, so transformers does not warn
+        gen.update(temperature=None, top_p=None, top_k=None)
+    stop_ids = set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+    prompts = [render_prompt(tokenizer, build_messages(q, system_prompt)) for q in questions]
+    if do_sample:
+        set_seed(seed)
+    device, out = model_device(model), []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress,
+                      leave=False):
+        t0 = time.perf_counter()
+        # The rendered prompt holds <bos> already.
+        enc = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
+                        padding_side="left", return_tensors="pt").to(device)
+        ids = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].tolist()
+        seconds = (time.perf_counter() - t0) / len(ids)
+        for question, new in zip(questions[start:start + batch_size], ids):
+            stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+            kept = new if stop is None else new[:stop]
+            out.append({"question": question, "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                        "new_tokens": len(kept) + (stop is not None), "hit_max_tokens": stop is None,
+                        "stopped_on": None if stop is None else tokenizer.convert_ids_to_tokens(new[stop]),
+                        "seconds": round(seconds, 4)})
+    return out
+
+
+def eval_rows(cfg: TrainConfig, split: str = "test") -> list[dict[str, Any]]:
+    """The run's split, rebuilt from its config exactly as training built it (same source, seed, fractions)."""
+    splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
+    if split not in splits:
+        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(splits)}")
+    if split == "train":
+        log.warning("evaluating on the train split: these numbers say how well the model fits, not generalizes")
+    rows = splits[split]
+    if not rows:
+        option = {"test": "test_fraction", "validation": "val_fraction"}.get(split, "data_samples")
+        raise DataError(f"the {split} split of {cfg.dataset} is empty: raise {option} (now "
+                        f"{getattr(cfg, option)}) or evaluate another split")
+    return rows
+
+
+def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
+                label: str = "", seed: int = 0) -> dict[str, Any]:
+    """Perplexity and bits per byte on the chosen answers; preference over (chosen, rejected) pairs."""
+    kwargs = dict(max_length=cfg.max_length, system_prompt=cfg.system_prompt, batch_size=batch_size)
+    questions = [r["question"] for r in rows]
+    chosen = score_answers(model, tokenizer, questions, [r["answer"] for r in rows],
+                           desc=f"{label} chosen".strip(), **kwargs)
+    metrics = language_metrics(chosen)
+    pair_rows = [i for i in chosen.kept if rows[i].get("rejected")]
+    if pair_rows:
+        rejected = score_answers(model, tokenizer, [questions[i] for i in pair_rows],
+                                 [rows[i]["rejected"] for i in pair_rows], desc=f"{label} rejected".strip(), **kwargs)
+        at = {i: n for n, i in enumerate(chosen.kept)}
+        pairs = [(at[pair_rows[n]], n) for n in rejected.kept]
+        metrics.update(preference_metrics(
+            ([chosen.nats[j] for j, _ in pairs], [chosen.tokens[j] for j, _ in pairs]),
+            ([rejected.nats[k] for _, k in pairs], [rejected.tokens[k] for _, k in pairs]), seed=seed))
+    else:
+        metrics["pairs"] = 0
+    return metrics
+
+
+def compare_generations(model, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
+                        system_prompt: str | None, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Greedy and sampled answers from base (adapter off) and tuned, with the same settings and seed."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for mode, sample in (("greedy", False), ("sampled", True)):
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, seed=seed, batch_size=batch_size,
+                      system_prompt=system_prompt)
+        with model.disable_adapter():
+            base = generate_answers(model, tokenizer, questions, **kwargs)
+        tuned = generate_answers(model, tokenizer, questions, **kwargs)
+        out[mode] = [{"question": q, "base": _strip(b), "tuned": _strip(t)} for q, b, t in zip(questions, base, tuned)]
+    return out
+
+
+def _strip(answer: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k != "question"}
+
+
+def deltas(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
+    return {k: tuned[k] - base[k] for k in METRIC_KEYS if k in base and k in tuned}
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
+                 max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate base vs tuned on the run's held-out split; write report.json, report.md and a runs.csv row."""
+    from .report import append_runs_csv, build_report, write_report
+
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    rows = eval_rows(cfg, split)
+    model, tokenizer = load_for_eval(cfg, run_dir / "adapter")
+    with model.disable_adapter():
+        base = score_model(model, tokenizer, cfg, rows, batch_size, label="base", seed=seed)
+    tuned = score_model(model, tokenizer, cfg, rows, batch_size, label="tuned", seed=seed)
+    questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
+    generations = compare_generations(model, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
+                                      seed) if questions else {}
+    settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
+                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": "float32",
+                "sampling": _sampling_settings(model)}
+    report = build_report(run_dir, cfg, settings, base, tuned, deltas(base, tuned), generations, time.time() - t0)
+    write_report(run_dir, report)
+    append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
+    return report
+
+
+# What transformers samples with when the model's generation config leaves a knob unset.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def _sampling_settings(model) -> dict[str, Any]:
+    gen = getattr(model, "generation_config", None)
+    return {k: v if getattr(gen, k, None) is None else getattr(gen, k) for k, v in SAMPLING_DEFAULTS.items()}
+
+
+def load_report(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "report.json").read_text())

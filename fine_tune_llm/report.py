@@ -1,0 +1,167 @@
+"""The evaluation report: report.json (everything), report.md (for people), one row in metrics/runs.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .manifest import git_state, hardware, library_versions
+
+RUNS_COLUMNS = [
+    "created", "run", "run_dir", "base_model", "preset", "global_step", "split", "answers", "pairs",
+    "base_perplexity", "tuned_perplexity", "base_bits_per_byte", "tuned_bits_per_byte",
+    "base_accuracy_normalized", "tuned_accuracy_normalized", "base_accuracy_sum", "tuned_accuracy_sum",
+    "base_mean_margin", "tuned_mean_margin", "tuned_margin_ci95_low", "tuned_margin_ci95_high",
+    "tuned_hit_max_tokens_greedy", "git_commit", "wall_seconds",
+]
+
+
+def build_report(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any], base: dict[str, Any],
+                 tuned: dict[str, Any], deltas: dict[str, float], generations: dict[str, list[dict[str, Any]]],
+                 wall_seconds: float) -> dict[str, Any]:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": run_dir.name,
+        "run_dir": str(run_dir),
+        "base_model": cfg.base_model,
+        "adapter": str(run_dir / "adapter"),
+        "global_step": _global_step(run_dir),
+        "settings": settings,
+        "metrics": {"base": base, "tuned": tuned},
+        "deltas": deltas,
+        "generations": generations,
+        "hit_max_tokens": {mode: {who: sum(g[who]["hit_max_tokens"] for g in rows) for who in ("base", "tuned")}
+                           for mode, rows in generations.items()},
+        "config": cfg.to_dict(),
+        "libraries": library_versions(),
+        "git": git_state(),
+        "hardware": hardware(),
+        "wall_seconds": round(wall_seconds, 2),
+    }
+
+
+def _global_step(run_dir: Path) -> int | None:
+    state = run_dir / "trainer_state.json"
+    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    js, md = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
+    js.write_text(json.dumps(report, indent=2, default=str))
+    md.write_text(render_markdown(report))
+    return js, md
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(m: dict[str, Any]) -> str:
+    lo, hi = m.get("margin_ci95", (None, None))
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+METRIC_ROWS = [
+    ("perplexity", "Perplexity (answer tokens; lower is better)"),
+    ("bits_per_byte", "Bits per byte (lower is better)"),
+    ("accuracy_normalized", "Preference accuracy, length-normalized"),
+    ("accuracy_sum", "Preference accuracy, raw sum (length-biased)"),
+    ("mean_margin", "Mean margin, nats/token (chosen - rejected)"),
+]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    base, tuned, delta = report["metrics"]["base"], report["metrics"]["tuned"], report["deltas"]
+    s = report["settings"]
+    lines = [
+        f"# Evaluation of `{report['run']}`",
+        "",
+        f"Base model `{report['base_model']}` vs base + adapter (`{report['adapter']}`, step "
+        f"{report['global_step']}), on the held-out **{s['split']}** split: {base['answers']} answers, "
+        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, float32 compute.",
+        "",
+        "| metric | base | tuned | delta |",
+        "|---|---|---|---|",
+    ]
+    for key, label in METRIC_ROWS:
+        if key in base:
+            lines.append(f"| {label} | {_fmt(base[key])} | {_fmt(tuned[key])} | {_fmt(delta.get(key))} |")
+    if base.get("pairs"):
+        lines.append(f"| Mean margin 95% CI (bootstrap) | {_ci(base)} | {_ci(tuned)} | |")
+        lines += [
+            "",
+            f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
+            f"{100 * base['chosen_longer']:.1f}% of pairs, so the raw-sum accuracy is biased toward the shorter "
+            f"(rejected) answer; the length-normalized accuracy (mean log-prob per answer token) is the fair one. "
+            f"Accuracy saturates when the base model already prefers the chosen answers; the mean margin shows "
+            f"how far the tuned model moved.",
+        ]
+    lines += ["", "Perplexity = exp(total answer NLL / total answer tokens), over the answer and its end-of-turn "
+              "token, the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the answers."]
+    for mode, rows in report.get("generations", {}).items():
+        hits = report["hit_max_tokens"][mode]
+        lines += ["", f"## Generations, {mode}"
+                  + (f" (seed {s['seed']}, {_sampling(s)})" if mode == "sampled" else ""),
+                  "", f"max_new_tokens={s['max_new_tokens']}; answers that hit it without ending their turn: "
+                      f"base {hits['base']}, tuned {hits['tuned']}.", "",
+                  "| question | base | tuned |", "|---|---|---|"]
+        for g in rows:
+            lines.append(f"| {_cell(g['question'])} | {_cell(_answer(g['base']))} | {_cell(_answer(g['tuned']))} |")
+    lines += ["", f"Wall time {report['wall_seconds']:.0f} s. Git commit {report['git'].get('commit')}"
+              + (" (uncommitted changes)" if report["git"].get("dirty") else "") + ". Libraries: "
+              + ", ".join(f"{k} {v}" for k, v in report["libraries"].items() if v) + ".", ""]
+    return "\n".join(lines)
+
+
+def _sampling(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.get("sampling", {}).items() if v is not None) or "defaults"
+
+
+def _answer(a: dict[str, Any]) -> str:
+    return a["answer"] + (" [hit max_new_tokens]" if a["hit_max_tokens"] else "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def runs_row(report: dict[str, Any]) -> dict[str, Any]:
+    base, tuned = report["metrics"]["base"], report["metrics"]["tuned"]
+    ci = tuned.get("margin_ci95", [None, None])
+    row = {
+        "created": report["created"], "run": report["run"], "run_dir": report["run_dir"],
+        "base_model": report["base_model"], "preset": report["config"].get("preset"),
+        "global_step": report["global_step"], "split": report["settings"]["split"], "answers": base["answers"],
+        "pairs": base.get("pairs", 0), "tuned_margin_ci95_low": ci[0], "tuned_margin_ci95_high": ci[1],
+        "tuned_hit_max_tokens_greedy": report["hit_max_tokens"].get("greedy", {}).get("tuned"),
+        "git_commit": report["git"].get("commit"), "wall_seconds": report["wall_seconds"],
+    }
+    for key in ("perplexity", "bits_per_byte", "accuracy_normalized", "accuracy_sum", "mean_margin"):
+        row[f"base_{key}"], row[f"tuned_{key}"] = base.get(key), tuned.get(key)
+    return row
+
+
+def append_runs_csv(path: Path, report: dict[str, Any]) -> Path:
+    """One row per evaluation, so runs compare over time. An existing file keeps its own columns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = RUNS_COLUMNS
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as fh:
+            columns = next(csv.reader(fh), RUNS_COLUMNS)
+    new = not path.is_file() or not path.stat().st_size
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(runs_row(report))
+    return path
