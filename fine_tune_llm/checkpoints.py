@@ -1,81 +1,162 @@
 """Checkpoints that are either complete or ignored.
 
 The Trainer writes checkpoint-N/ file by file; a kill during that write leaves a folder that looks like a
-checkpoint but is not. We write a COMPLETE marker (file names and sizes) last, atomically, and resume only
-from the newest checkpoint whose marker matches what is on disk.
+checkpoint but is not. After every save we write a COMPLETE.json marker (each file's size and SHA-256) last,
+atomically (write a temporary file, fsync, rename), and resume only from the newest checkpoint whose marker
+matches what is on disk. Older complete checkpoints stay as fallbacks; the Trainer keeps the last
+`save_total_limit` of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 from pathlib import Path
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_marker(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MARKER}
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(MARKER)}
     tmp = folder / (MARKER + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump(files, fh, indent=1)
+        json.dump({"files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, folder / MARKER)
 
 
-def is_complete(folder: Path) -> bool:
-    marker = folder / MARKER
+def invalidate(folder: Path) -> None:
+    """Drop a marker before its folder is written again (a resumed run re-saving a step)."""
+    for name in (MARKER, MARKER + ".tmp"):
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+def problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None when every file matches its marker."""
+    marker = Path(folder) / MARKER
     if not marker.is_file():
-        return False
+        return f"no {MARKER} (the run died while saving it)"
     try:
-        files = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return False
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"unreadable {MARKER}"
+    for name, want in files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def is_complete(folder: Path) -> bool:
+    return problem(folder) is None
+
+
+def step_of(folder: Path) -> int | None:
+    m = _STEP.match(Path(folder).name)
+    return int(m.group(1)) if m else None
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
-             if p.is_dir() and (m := _STEP.match(p.name))]
+    found = [(step_of(p), p) for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and step_of(p) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
 def last_good_checkpoint(run_dir: Path) -> Path | None:
     for folder in checkpoints_newest_first(run_dir):
-        if is_complete(folder):
+        why = problem(folder)
+        if why is None:
             return folder
-        log.warning("ignoring incomplete checkpoint %s (no valid %s: the run died while saving it)",
-                    folder, MARKER)
+        log.warning("ignoring checkpoint %s: %s; falling back to an earlier one", folder, why)
     return None
 
 
-def resume_point(run_dir: Path, resume: bool | str | None) -> str | None:
+# Options that may change between a run and its resumption: where things go, how long, how often to log.
+RESUMABLE_CHANGES = {"output_dir", "metrics_dir", "imgs_dir", "max_steps", "num_epochs", "logging_steps",
+                     "eval_steps", "save_steps", "save_total_limit"}
+
+
+def resume_point(run_dir: Path, resume: bool | str | None, cfg=None) -> str | None:
     """None: resume if a good checkpoint exists; True: must resume; False: start fresh; str: that checkpoint."""
     if resume is False:
         return None
-    if isinstance(resume, str):
-        return resume
-    good = last_good_checkpoint(run_dir)
-    if good is None and resume is True:
-        from .errors import ConfigError
+    if isinstance(resume, (str, Path)):
+        why = problem(Path(resume)) if Path(resume).is_dir() else "not a directory"
+        if why:
+            raise ConfigError(f"--resume {resume}: cannot resume from it: {why}")
+        good: Path | None = Path(resume)
+    else:
+        good = last_good_checkpoint(run_dir)
+        if good is None and resume is True:
+            raise ConfigError(f"--resume: no complete checkpoint in {run_dir}")
+    if good is None:
+        return None
+    if cfg is not None:
+        check_same_config(run_dir, cfg)
+    log.info("resuming from %s", good)
+    return str(good)
 
-        raise ConfigError(f"--resume: no complete checkpoint in {run_dir}")
-    if good is not None:
-        log.info("resuming from %s", good)
-    return str(good) if good else None
+
+def check_same_config(run_dir: Path, cfg) -> None:
+    """A checkpoint continues the run that made it: a changed learning rate or batch size would silently
+    splice two different runs into one curve."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    before = yaml.safe_load(path.read_text()) or {}
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"{run_dir} holds checkpoints of a run with other options ({detail}). Pass --no-resume "
+                          f"to start over there, or choose another --output-dir.")
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def make_callback():
     from transformers import TrainerCallback
 
     class CompletionMarker(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # A folder for this step already on disk comes from an attempt that died after it: its marker
+            # must not vouch for the files this run is about to write over it.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                invalidate(folder)
+            return control
+
         def on_save(self, args, state, control, **kwargs):
+            # Every rank writes its own rng_state_<rank>.pth: wait for all of them before vouching.
+            _barrier()
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if folder.is_dir():
