@@ -10,8 +10,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ def eval_rows(cfg: TrainConfig, split: str = "test") -> list[dict[str, Any]]:
 def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
                 label: str = "", seed: int = 0) -> dict[str, Any]:
     """Perplexity and bits per byte on the chosen answers; preference over (chosen, rejected) pairs."""
-    kwargs = dict(max_length=cfg.max_length, system_prompt=cfg.system_prompt, batch_size=batch_size)
+    kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size}
     questions = [r["question"] for r in rows]
     chosen = score_answers(model, tokenizer, questions, [r["answer"] for r in rows],
                            desc=f"{label} chosen".strip(), **kwargs)
@@ -137,8 +138,8 @@ def compare_generations(model, tokenizer, questions: list[str], max_new_tokens: 
     """Greedy and sampled answers from base (adapter off) and tuned, with the same settings and seed."""
     out: dict[str, list[dict[str, Any]]] = {}
     for mode, sample in (("greedy", False), ("sampled", True)):
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, seed=seed, batch_size=batch_size,
-                      system_prompt=system_prompt)
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
+                      "system_prompt": system_prompt}
         with model.disable_adapter():
             base = generate_answers(model, tokenizer, questions, **kwargs)
         tuned = generate_answers(model, tokenizer, questions, **kwargs)

@@ -35,8 +35,8 @@ def summary(report: dict) -> str:
     rows = [("perplexity", "perplexity"), ("bits per byte", "bits_per_byte"),
             ("pref. accuracy (normalized)", "accuracy_normalized"), ("pref. accuracy (raw sum)", "accuracy_sum"),
             ("mean margin (nats/token)", "mean_margin")]
-    lines = [f"\n{report['run']}: {report['settings']['split']} split, {base['answers']} answers, "
-             f"{base.get('pairs', 0)} pairs", f"  {'':30s}{'base':>12s}{'tuned':>12s}"]
+    lines = [(f"\n{report['run']}: {report['settings']['split']} split, {base['answers']} answers, "
+             f"{base.get('pairs', 0)} pairs"), f"  {'':30s}{'base':>12s}{'tuned':>12s}"]
     lines += [f"  {label:30s}{base[key]:12.4f}{tuned[key]:12.4f}" for label, key in rows if key in base]
     if base.get("pairs"):
         lo, hi = tuned["margin_ci95"]

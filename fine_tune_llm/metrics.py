@@ -86,8 +86,8 @@ def loss_figure(scalars: dict[str, Series], title: str):
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for tag, label, style in (("train/loss", "train loss", dict(marker=".", lw=1.2)),
-                              ("eval/loss", "eval loss", dict(marker="o", lw=2))):
+    for tag, label, style in (("train/loss", "train loss", {"marker": ".", "lw": 1.2}),
+                              ("eval/loss", "eval loss", {"marker": "o", "lw": 2})):
         if tag in scalars:
             steps, values = _xy(scalars[tag])
             ax1.plot(steps, values, label=f"{label} (last {values[-1]:.3f})", **style)

@@ -85,9 +85,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{report['run']}`",
         "",
-        f"Base model `{report['base_model']}` vs base + adapter (`{report['adapter']}`, step "
+        (f"Base model `{report['base_model']}` vs base + adapter (`{report['adapter']}`, step "
         f"{report['global_step']}), on the held-out **{s['split']}** split: {base['answers']} answers, "
-        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, float32 compute.",
+        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, float32 compute."),
         "",
         "| metric | base | tuned | delta |",
         "|---|---|---|---|",
@@ -99,20 +99,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| Mean margin 95% CI (bootstrap) | {_ci(base)} | {_ci(tuned)} | |")
         lines += [
             "",
-            f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
+            (f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
             f"{100 * base['chosen_longer']:.1f}% of pairs, so the raw-sum accuracy is biased toward the shorter "
             f"(rejected) answer; the length-normalized accuracy (mean log-prob per answer token) is the fair one. "
             f"Accuracy saturates when the base model already prefers the chosen answers; the mean margin shows "
-            f"how far the tuned model moved.",
+            f"how far the tuned model moved."),
         ]
-    lines += ["", "Perplexity = exp(total answer NLL / total answer tokens), over the answer and its end-of-turn "
-              "token, the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the answers."]
+    lines += ["", ("Perplexity = exp(total answer NLL / total answer tokens), over the answer and its end-of-turn "
+              "token, the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the answers.")]
     for mode, rows in report.get("generations", {}).items():
         hits = report["hit_max_tokens"][mode]
         lines += ["", f"## Generations, {mode}"
                   + (f" (seed {s['seed']}, {_sampling(s)})" if mode == "sampled" else ""),
-                  "", f"max_new_tokens={s['max_new_tokens']}; answers that hit it without ending their turn: "
-                      f"base {hits['base']}, tuned {hits['tuned']}.", "",
+                  "", (f"max_new_tokens={s['max_new_tokens']}; answers that hit it without ending their turn: "
+                      f"base {hits['base']}, tuned {hits['tuned']}."), "",
                   "| question | base | tuned |", "|---|---|---|"]
         for g in rows:
             lines.append(f"| {_cell(g['question'])} | {_cell(_answer(g['base']))} | {_cell(_answer(g['tuned']))} |")
