@@ -6,7 +6,10 @@ POETRY := $(TOOLS)/bin/poetry
 # poetry-plugin-pypi-mirror points Poetry at pip's own configured index instead (read here, never committed).
 export POETRY_PYPI_MIRROR_URL ?= $(shell $(PYTHON) -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')
 export POETRY_VIRTUALENVS_IN_PROJECT := true
-GROUPS ?= dev
+# `gguf` holds llama-cpp-python (GGUF quantization and checks); it compiles for ~6 minutes. GGML_NATIVE=OFF: the
+# native build used an AMX instruction that crashed (illegal instruction) on q8_0/q4_k_m files on some CPUs.
+GROUPS ?= dev,gguf
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install demo test test-fast lint gguf clean
 

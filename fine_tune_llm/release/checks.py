@@ -1,0 +1,96 @@
+"""Checks shared by the release folders (tokenizer, generation config, card) and `check_folder`, which
+recognises a folder's kind and runs its own check. A push refuses any folder whose check has errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import CheckResult, pickle_files, read_json
+from .modelcard import validate_card
+
+KINDS = ("adapter", "merged", "gguf")
+
+
+def detect_kind(folder: Path) -> str | None:
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    if list(folder.glob("*.gguf")):
+        return "gguf"
+    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
+        return "merged"
+    return None
+
+
+def check_folder(folder: str | Path, kind: str | None = None) -> CheckResult:
+    """The folder's own check, by kind (detected from its files when not given)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return CheckResult(folder, kind or "release", errors=[f"{folder} is not a directory"])
+    kind = kind or detect_kind(folder)
+    if kind == "adapter":
+        from .adapter import check_adapter
+
+        return check_adapter(folder)
+    if kind == "merged":
+        from .merge import check_merged
+
+        return check_merged(folder)
+    if kind == "gguf":
+        from .gguf_export import check_gguf
+
+        return check_gguf(folder)
+    return CheckResult(folder, "release", errors=[
+        (f"{folder} is not a release folder: expected adapter_config.json (adapter), config.json + *.safetensors "
+        f"(merged model) or *.gguf files (GGUF)")])
+
+
+def check_common(result: CheckResult, card_kind: str) -> None:
+    """Model card, and no pickled files."""
+    errors, warnings, meta = validate_card(result.folder / "README.md", card_kind)
+    result.errors += errors
+    result.warnings += warnings
+    result.facts["card"] = meta
+    pickles = pickle_files(result.folder)
+    if pickles:
+        result.errors.append(f"pickled file(s) {', '.join(pickles)} can run code when loaded: remove them")
+
+
+def check_tokenizer(result: CheckResult, need_sp_model: bool = False):
+    """Tokenizer loads, has a chat template, and generation_config.json stops on <eos> and the turn end.
+
+    Returns the tokenizer (or None when it does not load)."""
+    from transformers import AutoTokenizer
+
+    from ..chat import turn_end
+
+    folder = result.folder
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        result.errors.append(f"tokenizer does not load from {folder} ({type(exc).__name__}: {str(exc)[:200]})")
+        return None
+    if not tok.chat_template:
+        result.errors.append("tokenizer has no chat template (chat_template.jinja / tokenizer_config.json)")
+        return tok
+    end = turn_end(tok)
+    end_id = tok.convert_tokens_to_ids(end) if end else None
+    if end_id is None or end_id == tok.unk_token_id:
+        result.errors.append(f"the chat template's end-of-turn {end!r} is not one token of the vocabulary")
+    result.facts["turn_end"] = end
+    gen = read_json(folder / "generation_config.json")
+    if gen is None:
+        result.errors.append("generation_config.json is missing or unreadable")
+    else:
+        eos = gen.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos])
+        want = {tok.eos_token_id, end_id} - {None}
+        if not want <= eos:
+            names = ", ".join(f"{tok.convert_ids_to_tokens(i)} ({i})" for i in sorted(want - eos))
+            result.errors.append(f"generation_config.json eos_token_id {sorted(e for e in eos if e is not None)} "
+                                 f"lacks {names}: generation would not stop at the end of the turn")
+        result.facts["eos_token_id"] = sorted(e for e in eos if e is not None)
+    if not (folder / "tokenizer.model").is_file():
+        msg = ("tokenizer.model (SentencePiece) is missing: llama.cpp's converter and slow tokenizers need it; pass "
+               "tokenizer_model= (--tokenizer-model) with the base model's file")
+        (result.errors if need_sp_model else result.warnings).append(msg)
+    return tok

@@ -1,0 +1,193 @@
+"""What every release stage shares: finding the run, its config and tokenizer files, and the check result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import TrainConfig, field_names, load_run_config
+from ..errors import ConfigError, ReleaseCheckFailed
+
+log = logging.getLogger(__name__)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Pickles run code when loaded: a release never carries one (training_args.bin is the Trainer's).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Run-local paths: written into training_config.yaml by training, meaningless (and revealing) elsewhere.
+LOCAL_PATH_OPTIONS = ("output_dir", "metrics_dir", "imgs_dir")
+
+
+@dataclass
+class CheckResult:
+    """A release folder's own check: errors block a push, warnings are printed."""
+
+    folder: Path
+    kind: str
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_if_failed(self) -> CheckResult:
+        if self.errors:
+            raise ReleaseCheckFailed(f"{self.kind} folder {self.folder} fails its check:\n  - "
+                                     + "\n  - ".join(self.errors))
+        for w in self.warnings:
+            log.warning("%s: %s", self.folder, w)
+        return self
+
+
+@dataclass
+class RunFiles:
+    """A finished training run as the release stages see it."""
+
+    adapter_dir: Path
+    run_dir: Path | None
+    cfg: TrainConfig
+
+
+def locate_run(path: str | Path) -> RunFiles:
+    """Accept a run directory (with adapter/) or an adapter directory (with training_config.yaml)."""
+    path = Path(path).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        run_dir, adapter_dir = path, path / "adapter"
+    elif (path / "adapter_config.json").is_file():
+        adapter_dir = path
+        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+    else:
+        raise ConfigError(f"{path} holds no adapter (adapter_config.json) and no adapter/ folder: pass the run "
+                          f"directory `fine-tune-llm train` wrote, or its adapter/ folder")
+    cfg_file = adapter_dir / "training_config.yaml"
+    if cfg_file.is_file():
+        values = yaml.safe_load(cfg_file.read_text()) or {}
+        cfg = TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
+    elif run_dir is not None:
+        cfg = load_run_config(run_dir)
+    else:
+        raise ConfigError(f"{adapter_dir}: no training_config.yaml and no run directory above it; the release "
+                          f"needs the training settings (base model, data, hyperparameters)")
+    return RunFiles(adapter_dir, run_dir, cfg)
+
+
+def default_release_dir(run: RunFiles, stage: str) -> Path:
+    return (run.run_dir or run.adapter_dir.parent) / "release" / stage
+
+
+def is_hub_id(name: str | None) -> bool:
+    return bool(name) and bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def fresh_dir(path: str | Path, overwrite: bool) -> Path:
+    """An empty output folder. An existing non-empty one is replaced only when asked."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is missing or not an object (callers report what they need)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def public_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings without run-local paths."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_PATH_OPTIONS}
+
+
+def tokenizer_model_source(cfg: TrainConfig, explicit: str | Path | None = None) -> Path | None:
+    """The base model's SentencePiece tokenizer.model (transformers 5's save_pretrained no longer writes it;
+    llama.cpp's converter and slow tokenizers need it): an explicit file, the local model folder, or the
+    Hugging Face cache / Hub."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        p = p / "tokenizer.model" if p.is_dir() else p
+        if not p.is_file():
+            raise ConfigError(f"tokenizer.model not found at {p}")
+        return p
+    from ..modeling import model_source
+
+    source, _ = model_source(cfg)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local / "tokenizer.model" if (local / "tokenizer.model").is_file() else None
+    if not is_hub_id(source):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "tokenizer.model")
+        if isinstance(cached, str):
+            return Path(cached)
+        return Path(hf_hub_download(source, "tokenizer.model"))
+    except Exception as exc:  # offline, gated, or the model has no SentencePiece file
+        log.warning("could not fetch tokenizer.model for %s (%s)", source, type(exc).__name__)
+        return None
+
+
+def save_tokenizer(tokenizer, out: Path, sp_model: Path | None) -> None:
+    """Tokenizer files with the chat template, tokenizer.model beside them, and no local paths inside."""
+    tokenizer.save_pretrained(str(out))
+    if sp_model is not None:
+        shutil.copyfile(sp_model, out / "tokenizer.model")
+    cfg_file = out / "tokenizer_config.json"
+    data = read_json(cfg_file)
+    if data is not None:
+        # transformers records where it read the vocabulary from (e.g. a temporary build folder) and
+        # whether that was local: true only on this machine.
+        cleaned = {k: v for k, v in data.items()
+                   if k not in ("is_local", "local_files_only") and not _local_path(v)}
+        # transformers 5 keeps added tokens in tokenizer.json only. llama.cpp's converter (SentencePiece path)
+        # learns which pieces are control tokens from this key; without it `<start_of_turn>` is typed as
+        # ordinary text and the GGUF tokenizes the chat template character by character.
+        cleaned.setdefault("added_tokens_decoder", added_tokens_decoder(tokenizer))
+        write_json(cfg_file, cleaned)
+
+
+def added_tokens_decoder(tokenizer) -> dict[str, dict[str, Any]]:
+    """The tokenizer's added tokens in tokenizer_config.json's (transformers 4) layout."""
+    return {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+
+
+def _local_path(value: Any) -> bool:
+    return isinstance(value, str) and (value.startswith(("/", "~")) or bool(re.match(r"^[A-Za-z]:\\", value)))
+
+
+def pickle_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def folder_bytes(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"

@@ -1,0 +1,489 @@
+"""Stage 3: GGUF files for llama.cpp and Ollama, from the verified merged model.
+
+- Conversion uses llama.cpp's own `convert_hf_to_gguf.py` (with its `conversion/` and `gguf-py/` folders). Without
+  a llama.cpp checkout, the same tree is taken from the llama-cpp-python source distribution on PyPI, fetched
+  by pip by name and version (the installed llama-cpp-python's), so converter and runtime match.
+- Quantization uses llama-cpp-python's binding of llama.cpp's quantizer (`llama_model_quantize`).
+- The converter's Gemma class writes CodeGemma's special-token ids (fill-in-the-middle 67-70, end-of-turn 107)
+  whatever the vocabulary. They are right only for Gemma's own vocabulary, and llama.cpp ends generation on
+  the FIM separator, so each id is checked against its token text and fixed with gguf-py's
+  `gguf_new_metadata.py`.
+- Every file is then loaded in llama-cpp-python: its end-of-turn token must be the chat template's, the tokens
+  that end generation must be control tokens, its tokenizer must match the Hugging Face one on a chat prompt,
+  and a short greedy answer must end by itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, EnvironmentNotReady, ReleaseCheckFailed
+from .checks import check_common
+from .common import CheckResult, fresh_dir, human_bytes, locate_run, read_json, write_json
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = ("llama-cpp-python is not installed: `poetry install --with gguf` (builds for ~6 minutes; set "
+                "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" on CPUs where the native build crashes)")
+QUANTS = ("q8_0", "q4_k_m")
+# Block size of each type: rows whose length is not a multiple fall back to another type (llama-quant.cpp).
+K_QUANT_BLOCK = 256
+VERIFY_FILE = "verification.json"
+PROBE_PROMPT = "I have been feeling anxious about my exams and I can't sleep. What can I do?"
+FIM_KEYS = ("prefix", "suffix", "middle", "fsep", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")
+# Ollama templates for the chat formats we know (Ollama's own gemma / ChatML templates); keyed by turn end.
+OLLAMA_TEMPLATES = {
+    "<end_of_turn>": (('<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n'
+                      '<start_of_turn>model\n{{ .Response }}<end_of_turn>\n'), ["<end_of_turn>", "<start_of_turn>"]),
+    "<|im_end|>": (('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n'
+                   '{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}<|im_end|>\n'),
+                   ["<|im_end|>", "<|im_start|>"]),
+}
+
+
+@dataclass
+class GGUFFile:
+    name: str
+    quant: str
+    bytes: int
+    tensor_types: dict[str, int]
+    note: str = ""
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verification.get("passed"))
+
+
+@dataclass
+class GGUFResult:
+    folder: Path
+    files: list[GGUFFile]
+    modelfile: Path
+    converter: str
+    metadata_fixes: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return all(f.passed for f in self.files)
+
+    def summary(self) -> str:
+        lines = [f"GGUF -> {self.folder} (converter: {self.converter})"]
+        for f in self.files:
+            v = f.verification
+            lines.append(f"  {f.name}: {human_bytes(f.bytes)}, {f.tensor_types}; eot={v.get('eot_token')!r}, "
+                         f"stopped on {v.get('stopped_on')!r} after {v.get('new_tokens')} tokens, "
+                         f"{'ok' if f.passed else 'FAILED: ' + '; '.join(v.get('failures', []))}"
+                         + (f" [{f.note}]" if f.note else ""))
+        if self.metadata_fixes:
+            lines.append("  metadata fixed: " + "; ".join(self.metadata_fixes))
+        return "\n".join(lines)
+
+
+def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, quants: tuple[str, ...] = QUANTS,
+                llama_cpp_dir: str | Path | None = None, cache_dir: str | Path | None = None, name: str = "model",
+                max_new_tokens: int = 256, overwrite: bool = False) -> GGUFResult:
+    """f16 GGUF + quantized copies + Modelfile + card (default: next to the merged folder, in gguf/)."""
+    from .merge import check_merged
+
+    merged_dir = Path(merged_dir).expanduser()
+    check_merged(merged_dir).raise_if_failed()  # never convert an unverified merge
+    llama_cpp = _llama_cpp()
+    turn_end = _turn_end(merged_dir)
+    if _needs_sp_model(merged_dir) and not (merged_dir / "tokenizer.model").is_file():
+        raise ReleaseCheckFailed(f"{merged_dir} has no tokenizer.model, which llama.cpp's converter needs for this "
+                                 f"SentencePiece tokenizer: rerun `release merge --tokenizer-model PATH`")
+    root = llama_cpp_tree(llama_cpp_dir, cache_dir)
+    out = fresh_dir(out_dir or merged_dir.parent / "gguf", overwrite)
+
+    f16 = out / f"{name}-f16.gguf"
+    convert(merged_dir, f16, root)
+    fixes = fix_special_tokens(f16, root, turn_end)
+    paths = {"f16": f16}
+    for q in quants:
+        paths[q] = out / f"{name}-{q}.gguf"
+        quantize(f16, paths[q], q, llama_cpp)
+    prompt_ids, prompt = _probe_prompt(merged_dir)
+    files = []
+    for q, path in paths.items():
+        types = tensor_types(path)
+        files.append(GGUFFile(path.name, q, path.stat().st_size, types, k_quant_note(path, q),
+                              verify_gguf(path, turn_end, prompt, prompt_ids, max_new_tokens)))
+    modelfile = write_modelfile(out, files, turn_end)
+    result = GGUFResult(out, files, modelfile, str(root), fixes)
+    write_json(out / VERIFY_FILE, {"converter": str(root.name), "metadata_fixes": fixes, "prompt": prompt,
+                                   "files": [asdict(f) for f in files]})
+    _write_gguf_card(out, merged_dir, result)
+    log.info(result.summary())
+    if not result.passed:
+        raise ReleaseCheckFailed(f"GGUF verification failed:\n{result.summary()}")
+    check_gguf(out).raise_if_failed()
+    return result
+
+
+# --- the llama.cpp tree ------------------------------------------------------------------------------------
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EnvironmentNotReady(INSTALL_HINT) from None
+    return llama_cpp
+
+
+def llama_cpp_tree(llama_cpp_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A llama.cpp source tree with the converter: the user's checkout, or the llama-cpp-python sdist's copy."""
+    if llama_cpp_dir:
+        root = Path(llama_cpp_dir).expanduser()
+        _require_converter(root, f"--llama-cpp-dir {root}")
+        return root
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise EnvironmentNotReady(INSTALL_HINT) from None
+    from ..tiny import cache_root
+
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root() / "llama-cpp-python-src"
+    root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if not (root / "convert_hf_to_gguf.py").is_file():
+        _fetch_sdist(version, cache)
+    _require_converter(root, f"the llama-cpp-python {version} source distribution")
+    return root
+
+
+def _require_converter(root: Path, what: str) -> None:
+    missing = [p for p in ("convert_hf_to_gguf.py", "conversion", "gguf-py") if not (root / p).exists()]
+    if missing:
+        raise ConfigError(f"{what} lacks {', '.join(missing)}: need a llama.cpp tree with convert_hf_to_gguf.py "
+                          f"and its conversion/ and gguf-py/ folders")
+
+
+def _fetch_sdist(version: str, cache: Path) -> None:
+    """pip download the sdist by name and version (the registry's ordinary client); unpack the converter's part."""
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("fetching llama.cpp's converter: llama-cpp-python==%s source distribution via pip", version)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+           "--disable-pip-version-check", "--quiet", "-d", str(cache), f"llama-cpp-python=={version}"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    archives = sorted(cache.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if not archives:
+        raise EnvironmentNotReady(f"could not download the llama-cpp-python {version} source distribution with pip "
+                                  f"({proc.stderr.strip()[-400:]}); pass --llama-cpp-dir with a llama.cpp checkout")
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    with tarfile.open(archives[0]) as tar:
+        # The converter, its conversion/ package and gguf-py/; not the C++ sources (they are in the wheel).
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                   and _converter_part(m.name[len(prefix):])]
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(cache, members=members, **kwargs)
+
+
+def _converter_part(rel: str) -> bool:
+    return rel.startswith(("conversion/", "gguf-py/")) or ("/" not in rel and rel.endswith(".py"))
+
+
+# --- convert, fix, quantize ----------------------------------------------------------------------------------
+
+
+def convert(model_dir: Path, outfile: Path, root: Path, outtype: str = "f16") -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root / "gguf-py"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
+           "--outtype", outtype]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=str(root))
+    if proc.returncode != 0 or not outfile.is_file():
+        raise ReleaseCheckFailed(f"convert_hf_to_gguf.py failed on {model_dir} (exit {proc.returncode}):\n"
+                                 f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+
+
+def read_special_tokens(path: Path) -> tuple[dict[str, int], list[str]]:
+    """{kind: id} for every tokenizer.ggml.*_token_id key, and the vocabulary, read from the GGUF header."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids = {}
+    for key, fld in reader.fields.items():
+        m = re.fullmatch(r"tokenizer\.ggml\.(\w+)_token_id", key)
+        if m:
+            ids[m.group(1)] = int(fld.contents())
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    vocab = list(tokens.contents()) if tokens is not None else []
+    return ids, vocab
+
+
+def fix_special_tokens(path: Path, root: Path, turn_end: str) -> list[str]:
+    """Point eot at the template's turn end; drop FIM ids that name ordinary tokens. Returns what changed."""
+    ids, vocab = read_special_tokens(path)
+    args, fixes = [], []
+    if turn_end in vocab and ids.get("eot") != vocab.index(turn_end):
+        old = ids.get("eot")
+        args += ["--special-token", "eot", turn_end]
+        fixes.append(f"eot_token_id {old} ({_tok(vocab, old)!r}) -> {vocab.index(turn_end)} ({turn_end!r})")
+    for kind in FIM_KEYS:
+        if kind in ids and "fim" not in _tok(vocab, ids[kind]).lower():
+            args += ["--remove-metadata", f"tokenizer.ggml.{kind}_token_id"]
+            fixes.append(f"removed {kind}_token_id {ids[kind]} ({_tok(vocab, ids[kind])!r} is not a FIM token)")
+    if not args:
+        return []
+    tmp = path.with_suffix(".fixing.gguf")
+    env = dict(os.environ, PYTHONPATH=str(root / "gguf-py"))
+    proc = subprocess.run([sys.executable, str(root / "gguf-py" / "gguf" / "scripts" / "gguf_new_metadata.py"),
+                           str(path), str(tmp), "--force", *args], check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not tmp.is_file():
+        raise ReleaseCheckFailed(f"gguf_new_metadata.py failed on {path}: {(proc.stderr or proc.stdout)[-1500:]}")
+    os.replace(tmp, path)
+    log.info("fixed GGUF special tokens: %s", "; ".join(fixes))
+    return fixes
+
+
+def _tok(vocab: list[str], i: int | None) -> str:
+    return vocab[i] if i is not None and 0 <= i < len(vocab) else f"<id {i}>"
+
+
+def quantize(src: Path, dst: Path, quant: str, llama_cpp) -> None:
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
+    if ftype is None:
+        raise ConfigError(f"unknown quantization {quant!r}; e.g. q8_0, q6_k, q5_k_m, q4_k_m, q4_0")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = max(1, (os.cpu_count() or 1))
+    # llama.cpp prints one line per tensor through this logger; tensor_types() reports what matters.
+    llama_log = logging.getLogger("llama-cpp-python")
+    level = llama_log.level
+    llama_log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_log.setLevel(level)
+    if rc != 0 or not dst.is_file():
+        raise ReleaseCheckFailed(f"llama_model_quantize to {quant} failed (return code {rc})")
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors))
+
+
+def k_quant_note(path: Path, quant: str) -> str:
+    """k-quants pack rows in blocks of 256: llama.cpp stores narrower rows with another type, tensor by tensor.
+    Say how many weight tensors that hit, so a q4_k_m of a small model is not mistaken for a real one."""
+    from gguf import GGUFReader
+
+    if "_k" not in quant:
+        return ""
+    weights = [t for t in GGUFReader(str(path)).tensors if t.tensor_type.name not in ("F32", "F16", "BF16")]
+    narrow = [t for t in weights if int(t.shape[0]) % K_QUANT_BLOCK]
+    if not narrow:
+        return ""
+    widths = sorted({int(t.shape[0]) for t in narrow})
+    stored = sorted({t.tensor_type.name for t in narrow})
+    return (f"{len(narrow)} of {len(weights)} weight tensors have rows of {', '.join(map(str, widths))} values, "
+            f"not a multiple of {K_QUANT_BLOCK}: llama.cpp stored them as {', '.join(stored)} instead of a k-quant")
+
+
+# --- verification -------------------------------------------------------------------------------------------
+
+
+def _turn_end(model_dir: Path) -> str:
+    from transformers import AutoTokenizer
+
+    from ..chat import turn_end
+
+    return turn_end(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
+def _needs_sp_model(model_dir: Path) -> bool:
+    conf = read_json(model_dir / "config.json") or {}
+    return str(conf.get("model_type", "")).startswith("gemma") or (model_dir / "tokenizer.model").is_file()
+
+
+def _probe_prompt(model_dir: Path) -> tuple[list[int], str]:
+    from transformers import AutoTokenizer
+
+    from ..chat import build_messages, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = render_prompt(tok, build_messages(PROBE_PROMPT))
+    return tok(prompt, add_special_tokens=False)["input_ids"], prompt
+
+
+def verify_gguf(path: Path, turn_end: str, prompt: str, prompt_ids: list[int], max_new_tokens: int = 256
+                ) -> dict[str, Any]:
+    """Load in llama-cpp-python; check end-of-turn, end-of-generation tokens, tokenizer, and a greedy answer."""
+    llama_cpp = _llama_cpp()
+    failures: list[str] = []
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + max_new_tokens + 8),
+                          n_threads=max(1, os.cpu_count() or 1), seed=0, verbose=False)
+    try:
+        vocab = llm._model.vocab
+        eot = llama_cpp.llama_vocab_eot(vocab)
+        eot_text = _piece(llm, eot)
+        if eot_text != turn_end:
+            failures.append(f"end-of-turn token is {eot_text!r} (id {eot}), expected {turn_end!r}")
+        eog = {i: _piece(llm, i) for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+        allowed = {turn_end, _piece(llm, llm.token_eos())}
+        stray = {i: t for i, t in eog.items() if t not in allowed}
+        if stray:
+            failures.append(f"ordinary tokens end generation: {stray}")
+        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        if ids != prompt_ids:
+            failures.append(f"llama.cpp tokenizes the chat prompt differently from the Hugging Face tokenizer "
+                            f"({len(ids)} vs {len(prompt_ids)} tokens)")
+        new: list[int] = []
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                  reset=True):
+            new.append(token)
+            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) >= max_new_tokens:
+                break
+        stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
+        stopped_on = _piece(llm, new[-1]) if stopped else None
+        if not stopped:
+            failures.append(f"the answer did not end within {max_new_tokens} tokens")
+        elif stopped_on != turn_end:
+            failures.append(f"the answer ended on {stopped_on!r}, not {turn_end!r}")
+        answer = llm.detokenize(new[:-1] if stopped else new).decode("utf-8", errors="replace")
+        return {"passed": not failures, "failures": failures, "eot_token": eot_text, "eot_id": eot,
+                "metadata_eot_id": llm.metadata.get("tokenizer.ggml.eot_token_id"),
+                "end_of_generation_tokens": sorted(eog.values()), "tokenizer_matches": ids == prompt_ids,
+                "chat_template_in_metadata": "tokenizer.chat_template" in llm.metadata,
+                "new_tokens": len(new), "stopped_on": stopped_on, "answer": answer}
+    finally:
+        llm.close()
+
+
+def _piece(llm, token: int) -> str:
+    return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+# --- Modelfile, card, check ---------------------------------------------------------------------------------
+
+
+def write_modelfile(out: Path, files: list[GGUFFile], turn_end: str) -> Path:
+    """Ollama Modelfile: FROM the smallest verified quantization, the chat template, and its stop tokens."""
+    order = ["q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16"]
+    chosen = min(files, key=lambda f: order.index(f.quant) if f.quant in order else len(order))
+    template, stops = OLLAMA_TEMPLATES.get(turn_end, (None, [turn_end]))
+    lines = [(f"# Ollama: `ollama create NAME -f Modelfile && ollama run NAME`. Other files here: "
+             f"{', '.join(f.name for f in files if f is not chosen)}."), f"FROM ./{chosen.name}", ""]
+    if template is not None:
+        lines += [f'TEMPLATE """{template}"""', ""]
+    else:
+        lines += ["# No Ollama template is known for this chat format: Ollama reads the GGUF's chat template.", ""]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    path = out / "Modelfile"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def render_ollama_prompt(modelfile_text: str, user: str) -> str | None:
+    """What Ollama sends for one user turn without a system prompt (the template up to the answer)."""
+    m = re.search(r'TEMPLATE """(.*?)"""', modelfile_text, re.DOTALL)
+    if not m:
+        return None
+    text = re.sub(r"\{\{ if \.System \}\}.*?\{\{ end \}\}", "", m.group(1), flags=re.DOTALL)
+    return text.split("{{ .Response }}")[0].replace("{{ .Prompt }}", user)
+
+
+def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
+    from .modelcard import write_card
+
+    card = read_json(merged_dir / "parity.json") or {}
+    run = locate_run_for_merged(merged_dir)
+    rows = ["| file | size | tensor types | end of turn | greedy answer ended on | check |", "|---|---|---|---|---|---|"]
+    for f in result.files:
+        v = f.verification
+        types = ", ".join(f"{t} x{n}" for t, n in sorted(f.tensor_types.items()))
+        rows.append(f"| `{f.name}` | {human_bytes(f.bytes)} | {types} | `{v.get('eot_token')}` | "
+                    f"`{v.get('stopped_on')}` after {v.get('new_tokens')} tokens | "
+                    f"{'passed' if f.passed else 'FAILED'} |")
+    notes = [f"- {f.name}: {f.note}" for f in result.files if f.note]
+    notes += [f"- metadata fixed after conversion: {x}" for x in result.metadata_fixes]
+    section = "\n".join([
+        "## GGUF files and verification", "",
+        (f"Converted from the merged bf16 model (parity with base + adapter: "
+        f"{'passed' if card.get('passed') else 'see the merged release'}) with llama.cpp's `convert_hf_to_gguf.py`, "
+        f"quantized with llama.cpp's quantizer. Each file was loaded in llama-cpp-python: end-of-turn token, "
+        f"tokens that end generation, tokenization of a chat prompt against the Hugging Face tokenizer, and a "
+        f"greedy answer that must end by itself."), "", *rows, *([""] + notes if notes else []), "",
+        f"Details in `{VERIFY_FILE}`. The `Modelfile` stops on the end-of-turn token.",
+    ])
+    summary = (f"GGUF files of `{run.cfg.base_model}` with a LoRA adapter merged in, for llama.cpp, Ollama and "
+               f"LM Studio.")
+    write_card(out, "gguf", run, summary, license=_card_value(merged_dir, "license"),
+               dataset=(_card_value(merged_dir, "datasets") or [None])[0], extra_sections=[section])
+
+
+def locate_run_for_merged(merged_dir: Path):
+    """The run a merged folder came from: its release/ parent's run, else its training_config.yaml."""
+    for candidate in (merged_dir.parent.parent, merged_dir.parent):
+        if (candidate / "adapter" / "adapter_config.json").is_file():
+            return locate_run(candidate)
+    raise ConfigError(f"cannot find the training run of {merged_dir}: expected it at RUN/release/merged")
+
+
+def _card_value(folder: Path, key: str):
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(folder / "README.md").data.to_dict().get(key)
+    except Exception:
+        return None
+
+
+def check_gguf(folder: str | Path) -> CheckResult:
+    """GGUF headers (end-of-turn token), Modelfile (FROM, stop), recorded verification of the same files."""
+    folder = Path(folder)
+    result = CheckResult(folder, "GGUF")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        result.errors.append("no .gguf files")
+    modelfile = folder / "Modelfile"
+    turn_end = None
+    if not modelfile.is_file():
+        result.errors.append("Modelfile is missing")
+    else:
+        text = modelfile.read_text()
+        stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE)
+        m = re.search(r"^FROM \./(\S+)$", text, re.MULTILINE)
+        if not stops:
+            result.errors.append("Modelfile has no PARAMETER stop: Ollama would not stop at the end of the turn")
+        else:
+            turn_end = stops[0]
+        if not m or not (folder / m.group(1)).is_file():
+            result.errors.append("Modelfile's FROM does not name a .gguf file in this folder")
+    for path in ggufs:
+        try:
+            ids, vocab = read_special_tokens(path)
+        except Exception as exc:
+            result.errors.append(f"{path.name} does not read as GGUF ({type(exc).__name__}: {exc})")
+            continue
+        eot = _tok(vocab, ids.get("eot")) if "eot" in ids else None
+        if turn_end and eot != turn_end:
+            result.errors.append(f"{path.name}: metadata end-of-turn token is {eot!r}, expected {turn_end!r}")
+    verified = read_json(folder / VERIFY_FILE)
+    if verified is None:
+        result.errors.append(f"{VERIFY_FILE} is missing: the files were not verified (run `release gguf`)")
+    else:
+        records = {f.get("name"): f for f in verified.get("files", []) if isinstance(f, dict)}
+        for path in ggufs:
+            rec = records.get(path.name)
+            if rec is None:
+                result.errors.append(f"{path.name} was not verified")
+            elif rec.get("bytes") != path.stat().st_size:
+                result.errors.append(f"{path.name} changed since it was verified")
+            elif not (rec.get("verification") or {}).get("passed"):
+                result.errors.append(f"{path.name} failed verification: {rec['verification'].get('failures')}")
+    check_common(result, "gguf")
+    return result

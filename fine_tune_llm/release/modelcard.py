@@ -1,0 +1,322 @@
+"""Model cards (README.md) for the three release folders: Hub metadata plus a body people can act on.
+
+The metadata is what the Hub indexes (base_model, library_name, datasets, license, tags, pipeline_tag); the
+body says what the model was tuned on and how, how it measured, what it cannot do, and where to find help.
+`validate_card` checks a card offline: huggingface_hub's own parser (ModelCard) plus the keys we require, since
+the Hub's validation endpoint needs a network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from .common import RunFiles, is_hub_id, read_json
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("base_model", "library_name", "license", "tags", "pipeline_tag")
+LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
+# Licences of the bases we ship presets for; anything else must be named by the user.
+KNOWN_LICENSES = {"google/gemma": "gemma", "HuggingFaceTB/SmolLM2": "apache-2.0", "tiny-gemma": "apache-2.0"}
+TAGS = ["lora", "qlora", "peft", "sft", "trl", "fine-tune-llm"]
+PSYCHOLOGY_TAGS = ["psychology", "mental-health", "empathy"]
+SAFETY_HEADING = "## Safety"
+SAFETY_NOTE = """\
+This model is **not a substitute for professional care**. It is a language model tuned to sound supportive; it
+can be wrong, miss warning signs, or give harmful advice, and it cannot act in an emergency. Do not use it to
+diagnose or treat anyone, and do not put it in front of people in distress without human oversight.
+
+If you or someone you know is in crisis or thinking about suicide, contact local emergency services now
+(112 in the EU, 999 in the UK, 911 in the US) or a crisis line: in the US call or text **988** (Suicide & Crisis
+Lifeline); in the UK and Ireland call Samaritans on **116 123**; elsewhere find a free, confidential helpline
+at https://findahelpline.com.
+"""
+# report.json metrics worth a row in the card, in this order; any other numeric metric follows.
+EVAL_ROWS = [
+    ("perplexity", "Perplexity on held-out answers (lower is better)"),
+    ("bits_per_byte", "Bits per byte (lower is better)"),
+    ("accuracy_normalized", "Prefers the empathetic over the judgmental answer (length-normalized)"),
+    ("accuracy_sum", "Preference accuracy, raw sum (length-biased)"),
+    ("mean_margin", "Mean margin, nats/token (chosen - rejected)"),
+]
+
+
+def license_for(cfg: TrainConfig, explicit: str | None = None) -> str | None:
+    if explicit:
+        return explicit
+    return next((lic for prefix, lic in KNOWN_LICENSES.items() if cfg.base_model.startswith(prefix)), None)
+
+
+def dataset_id(cfg: TrainConfig, explicit: str | None = None) -> str | None:
+    """The Hub id of the training data; None for local files unless the user names their Hub copy."""
+    if explicit:
+        return explicit
+    return cfg.dataset if is_hub_id(cfg.dataset) else None
+
+
+def is_psychology(cfg: TrainConfig) -> bool:
+    return cfg.dataset == "sample" or "psych" in cfg.dataset.lower()
+
+
+def metadata(cfg: TrainConfig, kind: str, license: str | None, dataset: str | None) -> dict[str, Any]:
+    tags = list(TAGS) + (PSYCHOLOGY_TAGS if is_psychology(cfg) else [])
+    if kind == "gguf":
+        tags += ["gguf", "llama.cpp", "ollama"]
+    meta: dict[str, Any] = {
+        "base_model": cfg.base_model,
+        "library_name": LIBRARY[kind],
+        "license": license,
+        "datasets": [dataset] if dataset else None,
+        "language": ["en"],
+        "tags": tags,
+        "pipeline_tag": "text-generation",
+        # The Hub's name for a model derived from base_model by further training (merged or not).
+        "base_model_relation": "adapter" if kind == "adapter" else ("quantized" if kind == "gguf" else "finetune"),
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def render_card(meta: dict[str, Any], body: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body.strip()}\n")
+    return str(card)
+
+
+def validate_card(path: Path, kind: str) -> tuple[list[str], list[str], dict[str, Any]]:
+    """(errors, warnings, metadata) of a README.md, checked offline."""
+    from huggingface_hub import ModelCard
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    if not path.is_file():
+        return [f"{path.name} is missing (the model card)"], warnings, {}
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("---"):
+        return [f"{path.name} has no YAML metadata block"], warnings, {}
+    try:
+        data = ModelCard(text, ignore_metadata_errors=False).data.to_dict()
+    except Exception as exc:  # YAML syntax, a non-mapping block, malformed eval results
+        return [f"{path.name}: metadata does not parse ({type(exc).__name__}: {exc})"], warnings, {}
+    for key in REQUIRED_KEYS:
+        if not data.get(key):
+            errors.append(f"{path.name}: metadata has no {key!r}")
+    if data.get("library_name") and data["library_name"] != LIBRARY[kind]:
+        errors.append(f"{path.name}: library_name is {data['library_name']!r}, expected {LIBRARY[kind]!r}")
+    for key in ("tags", "datasets", "language"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
+            errors.append(f"{path.name}: {key!r} must be a list of strings")
+    if data.get("pipeline_tag") not in (None, "text-generation"):
+        errors.append(f"{path.name}: pipeline_tag is {data['pipeline_tag']!r}, expected 'text-generation'")
+    if data.get("license") == "other" and not (data.get("license_name") and data.get("license_link")):
+        errors.append(f"{path.name}: license 'other' needs license_name and license_link")
+    if SAFETY_HEADING not in text:
+        errors.append(f"{path.name}: no '{SAFETY_HEADING}' section")
+    base = data.get("base_model")
+    if isinstance(base, str) and not is_hub_id(base):
+        warnings.append(f"base_model {base!r} is not a Hub model id: the Hub will not link the base model")
+    if not data.get("datasets"):
+        warnings.append("no 'datasets' in the metadata (local training data): pass dataset_id= (--dataset-id) "
+                        "with the data's Hub id to link it")
+    return errors, warnings, data
+
+
+# --- body sections ------------------------------------------------------------------------------------------
+
+
+def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, int] | None) -> str:
+    if dataset:
+        source = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
+    elif cfg.dataset == "sample":
+        source = "the 160-row sample shipped with fine-tune-llm (`fine_tune_llm/assets/sample_psychology.jsonl`)"
+    else:
+        source = f"a local file, `{Path(cfg.dataset).name}`"
+    lines = ["## Training data", "", f"Source: {source}."]
+    if is_psychology(cfg):
+        lines += ["", ("Each row holds a question about emotional or mental-health difficulties and two answers: "
+                  "`response_j`, empathetic and supportive, which the model was trained on, and `response_k`, "
+                  "judgmental or dismissive, which was only used to evaluate whether the model prefers the "
+                  "empathetic answer.")]
+    if split_sizes:
+        sizes = ", ".join(f"{name} {n:,}" for name, n in split_sizes.items())
+        lines += ["", (f"Rows per split ({sizes}) after dropping duplicates; the split is by question, so no "
+                  f"question appears in two splits (seed {cfg.seed}).")]
+    return "\n".join(lines)
+
+
+def method_section(cfg: TrainConfig) -> str:
+    quant = {"4bit": "4-bit NF4 with double quantization (QLoRA)", "8bit": "8-bit (LLM.int8)",
+             "none": "unquantized"}[cfg.quantization]
+    return "\n".join([
+        "## Method", "",
+        (f"Supervised fine-tuning with LoRA adapters on every linear projection of `{cfg.base_model}`, whose "
+        f"frozen weights were loaded {quant}; compute in {cfg.dtype}. Each example is the question rendered with "
+        f"the model's chat template; the loss covers only the answer and its end-of-turn token, never the "
+        f"prompt. Trained with TRL's SFTTrainer by fine-tune-llm (preset `{cfg.preset}`)."),
+    ])
+
+
+def hyperparameter_section(cfg: TrainConfig, run: RunFiles) -> str:
+    rows = [
+        ("LoRA rank r / alpha / dropout", f"{cfg.lora_r} / {cfg.lora_alpha} / {cfg.lora_dropout}"),
+        ("LoRA target modules", ", ".join(cfg.target_modules)),
+        ("Base weights during training", cfg.quantization),
+        ("Learning rate, schedule, warm-up", f"{cfg.learning_rate:g}, {cfg.lr_scheduler}, {cfg.warmup_ratio:g}"),
+        ("Epochs / max steps", f"{cfg.num_epochs:g} / {cfg.max_steps}"),
+        ("Batch size x gradient accumulation", f"{cfg.batch_size} x {cfg.grad_accum}"),
+        ("Max sequence length", str(cfg.max_length)),
+        ("Optimizer, grad-norm clip", f"{cfg.optim}, {cfg.max_grad_norm:g}"),
+        ("Compute dtype", cfg.dtype),
+        ("Seed", str(cfg.seed)),
+    ]
+    state = training_state(run)
+    if state:
+        rows += [(k, v) for k, v in state.items()]
+    lines = ["## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "The full settings are in `training_config.yaml`." if (run.adapter_dir / "training_config.yaml")
+              .is_file() else ""]
+    return "\n".join(lines).rstrip()
+
+
+def training_state(run: RunFiles) -> dict[str, str]:
+    """Steps and final losses from trainer_state.json, when the run kept it."""
+    if run.run_dir is None:
+        return {}
+    state = read_json(run.run_dir / "trainer_state.json") or {}
+    history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
+    out: dict[str, str] = {}
+    if isinstance(state.get("global_step"), int):
+        out["Optimizer steps"] = str(state["global_step"])
+    train = [h["loss"] for h in history if isinstance(h, dict) and _num(h.get("loss"))]
+    evals = [h["eval_loss"] for h in history if isinstance(h, dict) and _num(h.get("eval_loss"))]
+    if train:
+        out["Training loss, first -> last logged"] = f"{train[0]:.4f} -> {train[-1]:.4f}"
+    if evals:
+        out["Validation loss, first -> last eval"] = f"{evals[0]:.4f} -> {evals[-1]:.4f}"
+    return out
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def evaluation_section(run: RunFiles) -> str:
+    """The base vs tuned numbers of report.json, read defensively: any field may be missing."""
+    head = ["## Evaluation", ""]
+    report = read_json(run.run_dir / "report.json") if run.run_dir else None
+    metrics = report.get("metrics") if report else None
+    base = metrics.get("base") if isinstance(metrics, dict) else None
+    tuned = metrics.get("tuned") if isinstance(metrics, dict) else None
+    if not (isinstance(base, dict) and isinstance(tuned, dict)):
+        where = f" (`fine-tune-llm evaluate {run.run_dir}`)" if run.run_dir else ""
+        return "\n".join(head + ["No evaluation report was found for this run" + where + ": the numbers above are "
+                                 "training and validation losses only."])
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    split = settings.get("split", "held-out")
+    n = base.get("answers")
+    lines = head + [f"Base model vs base + adapter on the held-out **{split}** split"
+                    + (f" ({n} answers" + (f", {base['pairs']} preference pairs)" if base.get("pairs") else ")")
+                       if isinstance(n, int) else "") + ", from the run's `report.json`.", "",
+                    "| metric | base | tuned |", "|---|---|---|"]
+    labels = dict(EVAL_ROWS)
+    keys = [k for k, _ in EVAL_ROWS] + sorted(k for k in base if k not in labels)
+    for key in keys:
+        if _num(base.get(key)) and _num(tuned.get(key)) and key not in ("answers", "pairs"):
+            lines.append(f"| {labels.get(key, key)} | {base[key]:.4f} | {tuned[key]:.4f} |")
+    hits = report.get("hit_max_tokens")
+    greedy = hits.get("greedy") if isinstance(hits, dict) else None
+    if isinstance(greedy, dict) and "tuned" in greedy:
+        lines += ["", (f"Greedy answers that hit the token limit without ending their turn: base "
+                  f"{greedy.get('base')}, tuned {greedy.get('tuned')}.")]
+    return "\n".join(lines)
+
+
+def limitations_section(cfg: TrainConfig) -> str:
+    return "\n".join([
+        "## Limitations", "",
+        ("- The adapter changes tone and style more than knowledge: facts, reasoning and the base model's biases "
+        f"are those of `{cfg.base_model}`."),
+        ("- The training answers were written for single questions, in English; multi-turn conversations and "
+        "other languages were not trained or evaluated."),
+        ("- The evaluation is automatic (likelihoods and a preference between two answers), not a clinical or "
+        "human assessment of helpfulness or safety."),
+        "- Answers can be confident and wrong, and the model can repeat harmful content present in prompts.",
+    ])
+
+
+def usage_section(kind: str, cfg: TrainConfig, extra: str = "") -> str:
+    base = cfg.base_model
+    if kind == "adapter":
+        code = ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                'model = AutoPeftModelForCausalLM.from_pretrained("REPO_ID", dtype="bfloat16")',
+                'tokenizer = AutoTokenizer.from_pretrained("REPO_ID")',
+                'messages = [{"role": "user", "content": "I feel overwhelmed at work."}]',
+                ("inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',"
+                " return_dict=True)"),
+                ("out = model.generate(**inputs, max_new_tokens=200)  # generation_config.json stops at "
+                "<end_of_turn>"),
+                "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```"]
+        note = f"The adapter loads on top of `{base}` (downloaded automatically)."
+    elif kind == "merged":
+        code = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                'model = AutoModelForCausalLM.from_pretrained("REPO_ID", dtype="bfloat16")',
+                'tokenizer = AutoTokenizer.from_pretrained("REPO_ID")', "```"]
+        note = "A standalone model: the adapter is merged into the weights, no PEFT needed."
+    else:
+        code = ["```sh", "ollama create my-model -f Modelfile && ollama run my-model",
+                "# or: llama-cli -m model-q8_0.gguf -cnv", "```"]
+        note = "GGUF files for llama.cpp, Ollama and LM Studio."
+    return "\n".join(["## How to use", "", note, "", *code] + (["", extra] if extra else []))
+
+
+def split_sizes(cfg: TrainConfig) -> dict[str, int] | None:
+    """Rows per split, rebuilt from the config as training built them; None when the data is unreachable."""
+    from ..data import load_splits
+
+    try:
+        splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
+    except Exception as exc:  # offline Hub data: the card says less, the release still works
+        log.warning("could not load %s to count its splits (%s); the card omits the counts", cfg.dataset,
+                    type(exc).__name__)
+        return None
+    return {name: len(rows) for name, rows in splits.items()}
+
+
+def build_body(kind: str, run: RunFiles, title: str, summary: str, dataset: str | None,
+               sizes: dict[str, int] | None, extra_sections: list[str] = (), usage_extra: str = "") -> str:
+    cfg = run.cfg
+    sections = [f"# {title}", "", summary, "", usage_section(kind, cfg, usage_extra), "",
+                data_section(cfg, dataset, sizes), "", method_section(cfg), "", hyperparameter_section(cfg, run), "",
+                evaluation_section(run)]
+    for s in extra_sections:
+        sections += ["", s]
+    sections += ["", limitations_section(cfg), "", SAFETY_HEADING, "", SAFETY_NOTE]
+    return "\n".join(sections)
+
+
+def write_card(folder: Path, kind: str, run: RunFiles, summary: str, license: str | None = None,
+               dataset: str | None = None, extra_sections: list[str] = (), usage_extra: str = "",
+               sizes: dict[str, int] | None = None) -> Path:
+    from ..errors import ConfigError
+
+    lic = license_for(run.cfg, license)
+    if lic is None:
+        raise ConfigError(f"no known licence for base model {run.cfg.base_model!r}: pass license= (--license) with "
+                          f"its Hub licence id (e.g. apache-2.0, gemma, llama3)")
+    ds = dataset_id(run.cfg, dataset)
+    title = {"adapter": "LoRA adapter", "merged": "Merged model", "gguf": "GGUF"}[kind]
+    title = f"{run.cfg.base_model.split('/')[-1]} {title}: {run.cfg.run_name}"
+    body = build_body(kind, run, title, summary, ds, sizes, extra_sections, usage_extra)
+    path = folder / "README.md"
+    path.write_text(render_card(metadata(run.cfg, kind, lic, ds), body), encoding="utf-8")
+    return path
+
+
+def json_block(obj: Any) -> str:
+    return "```json\n" + json.dumps(obj, indent=2, default=str) + "\n```"
