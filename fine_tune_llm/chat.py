@@ -47,9 +47,14 @@ def control_strings(tokenizer) -> list[str]:
 
 
 def sanitize(text: str, controls: list[str]) -> str:
-    for s in controls:
-        text = text.replace(s, "")
-    return text
+    # Repeat until nothing changes: removing one control string can join its neighbours into another
+    # ("<start_of_<end_of_turn>turn>" -> "<start_of_turn>"). Terminates: every pass that changes text shortens it.
+    while True:
+        before = text
+        for s in controls:
+            text = text.replace(s, "")
+        if text == before:
+            return text
 
 
 def turn_end(tokenizer) -> str:
@@ -61,7 +66,10 @@ def turn_end(tokenizer) -> str:
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    return tokenizer.apply_chat_template(fold_system(messages), tokenize=False, add_generation_prompt=True)
+    """The generation prompt; user text is sanitized here too, so evaluation prompts cannot forge a turn."""
+    controls = control_strings(tokenizer)
+    clean = [{**m, "content": sanitize(m["content"], controls)} for m in fold_system(messages)]
+    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
 
 
 def encode_batch(tokenizer, prompts: list[list[dict[str, str]]], answers: list[str],

@@ -142,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception:  # a bug or a library failure: keep the traceback, minus any Hub token it may quote
+        if args.verbose:
+            raise
+        import traceback
+
+        from .errors import redact
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

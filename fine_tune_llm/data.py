@@ -35,16 +35,16 @@ def read_rows(source: str | Path) -> list[dict[str, Any]]:
     """Rows as dicts, from the Hub or a local file. Errors name the file and line."""
     source = resolve_source(str(source))
     path = Path(source).expanduser()
-    if path.suffix.lower() in FORMATS or path.exists() or source.startswith((".", "/", "~")):
+    # A Hub id is "owner/name"; a name without a slash but with an extension is a file the user meant.
+    looks_like_file = bool(path.suffix) and "/" not in source
+    if path.suffix.lower() in FORMATS or path.exists() or looks_like_file or source.startswith((".", "/", "~")):
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         suffix = path.suffix.lower()
         if suffix == ".parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict("records")
+            return _read_parquet(path)
         if suffix == ".csv":
-            return list(csv.DictReader(io.StringIO("\n".join(_decode_lines(path)) + "\n")))
+            return _read_csv(path)
         if suffix in (".jsonl", ".json"):
             return _read_json(path)
         raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {', '.join(FORMATS)}")
@@ -62,10 +62,35 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
                         f"`--preset tiny` which ships its data.") from None
 
 
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path).to_dict("records")
+    except Exception as exc:  # pyarrow raises several types for a damaged or mislabelled file
+        raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    # The csv module refuses fields over 128 KiB by default; a very long row is the tokenizer's business
+    # (it is skipped or truncated there, with a count in the log), not a crash here.
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.DictReader(io.StringIO("\n".join(_decode_lines(path)) + "\n"))
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})") from None
+
+
 def _decode_lines(path: Path) -> list[str]:
     """Decode line by line: a file that mixes UTF-8 with cp1252 (Excel exports) still loads."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Windows "Unicode")
+        return data.decode("utf-16").splitlines()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM would otherwise glue itself to the first column name
+        data = data[3:]
     lines, fallback = [], []
-    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    for n, raw in enumerate(data.splitlines(), start=1):
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -81,7 +106,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     lines = _decode_lines(path)
     text = "\n".join(lines).lstrip()
     if path.suffix.lower() == ".json" and text.startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
     else:
         rows = []
         for n, line in enumerate(lines, start=1):
@@ -126,8 +154,11 @@ def to_examples(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]
     if not rows:
         raise DataError(f"{source}: no rows")
     schema = detect_schema(rows, source)
-    examples = []
+    examples, blank = [], []
     for n, row in enumerate(rows, start=1):
+        if _is_blank(row):  # e.g. a spreadsheet's trailing line of spaces: nothing to train on or report
+            blank.append(n)
+            continue
         if schema == "preference":
             question = _text(row, "question", n, source)
             answer = _text(row, "response_j", n, source)
@@ -140,7 +171,17 @@ def to_examples(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]
             answer = _text(row, "output", n, source)
             rejected = None
         examples.append({"row": n, "question": question, "answer": answer, "rejected": rejected})
+    if blank:
+        log.warning("%s: skipped %d blank row(s) (every column empty or whitespace: rows %s)", source, len(blank),
+                    ", ".join(map(str, blank[:10])))
+    if not examples:
+        raise DataError(f"{source}: every row is blank")
     return examples
+
+
+def _is_blank(row: dict[str, Any]) -> bool:
+    return all(v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+               for v in row.values())
 
 
 def drop_duplicates(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:

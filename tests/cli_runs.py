@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 # A few seconds a step on 2 shared cores: 24 rows (19 train) in batches of 4 = 5 steps an epoch, so 8 steps
 # cross an epoch boundary (the resumed data order must survive it). Answers are cut at 96 tokens.
 SMALL = ["--preset", "tiny", "--data-samples", "24", "--max-length", "96", "--batch-size", "4",
@@ -30,7 +31,7 @@ def env(**extra: str) -> dict[str, str]:
 def start(args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
     fh = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "fine_tune_llm", "train", *args], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env(**extra_env), cwd=Path(__file__).parent.parent)
+                            stderr=subprocess.STDOUT, env=env(**extra_env), cwd=REPO)
 
 
 def run(args: list[str], log: Path, timeout: float = 600, **extra_env: str) -> int:
