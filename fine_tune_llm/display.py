@@ -191,3 +191,14 @@ def files_table(folder: str | Path):
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return pd.DataFrame({"file": [str(p.relative_to(folder)) for p in files],
                          "size (KB)": [round(p.stat().st_size / 1024, 1) for p in files]})
+
+
+def training_summary(result):
+    """Steps, first and last training loss, last eval loss (None when no evaluation ran), where the adapter is."""
+    import pandas as pd
+
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    info = {"optimizer steps": result.global_step, "first train loss": losses[0] if losses else None,
+            "final train loss": result.train_loss, "final eval loss": result.eval_loss,
+            "interrupted": result.interrupted, "adapter": str(result.adapter_dir)}
+    return pd.DataFrame({"value": info})

@@ -133,3 +133,14 @@ def test_not_interactive_outside_a_kernel_or_when_headless(monkeypatch):
     assert notebook_utils.interactive() is False  # pytest is not an IPython kernel
     monkeypatch.setenv(notebook_utils.HEADLESS_ENV, "1")
     assert notebook_utils.interactive() is False
+
+
+def test_training_summary_reads_the_log_history():
+    from types import SimpleNamespace
+
+    history = [{"loss": 7.4, "step": 1}, {"eval_loss": 6.9, "step": 2}, {"loss": 6.1, "step": 2}]
+    result = SimpleNamespace(log_history=history, global_step=2, train_loss=6.1, eval_loss=6.9, interrupted=False,
+                             adapter_dir="runs/x/adapter")
+    info = display.training_summary(result)["value"]
+    assert (info["optimizer steps"], info["first train loss"], info["final train loss"]) == (2, 7.4, 6.1)
+    assert info["final eval loss"] == 6.9 and info["adapter"] == "runs/x/adapter"

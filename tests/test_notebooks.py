@@ -103,6 +103,7 @@ def test_fine_tuning_notebook_writes_a_run(fine_tuned):
     assert "headless run" in outputs_text(cell_after(nb, "%tensorboard"))
     assert "4-bit NF4" in outputs_text(cell_after(nb, "model = modeling.load_model(cfg)"))
     assert "r=8, alpha=16" in outputs_text(cell_after(nb, "model = modeling.add_lora(model, cfg)"))
+    assert "first train loss" in outputs_text(cell_after(nb, "show.training_summary(result)"))
     pushed = outputs_text(cell_after(nb, "release.push_folder("))  # PUSH_TO_HUB=False: a dry run, nothing sent
     assert "dry run" in pushed and "adapter_model.safetensors" in pushed
     assert (run / "release" / "adapter" / "README.md").is_file()
