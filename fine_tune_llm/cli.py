@@ -51,12 +51,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from .training import is_main_process, train
 
     cfg = config_from_args(args)
     t0 = time.time()
     result = train(cfg, resume=args.resume)
-    report_training(result, time.time() - t0)
+    if is_main_process():  # under `accelerate launch`, one report, not one per process
+        report_training(result, time.time() - t0)
     return 130 if result.interrupted else 0
 
 

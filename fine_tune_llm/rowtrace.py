@@ -64,7 +64,10 @@ class RowTrace:
     def write(self, run_dir: str | Path, rank: int) -> Path:
         out = Path(run_dir) / "trace" / f"rank{rank}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
         record = {"rank": rank, "pid": os.getpid(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                  "steps": self.steps, "written": sorted(self.written)}
+                  "backend": backend, "steps": self.steps, "written": sorted(self.written)}
         out.write_text(json.dumps(record, indent=1))
         return out
