@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, rowtrace
 from .chat import build_messages, encode_batch
 from .config import TrainConfig
 from .data import load_splits
-from .errors import TrainingDiverged
+from .errors import DataError, TrainingDiverged
 from .modeling import add_lora, check_environment, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ def tokenize_split(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[dict[str, list], dict[str, Any]]:
     splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
     tokenized = {name: tokenize_split(rows, tokenizer, cfg, name) for name, rows in splits.items()}
+    if len(tokenized["train"]) == 0:  # otherwise the Trainer's sampler fails with "num_samples=0"
+        why = (f"all {len(splits['train'])} were skipped: their prompts fill max_length={cfg.max_length}; raise "
+               f"--max-length" if splits["train"] else f"the split kept none of {sum(map(len, splits.values()))} "
+               f"rows; raise --data-samples or lower --val-fraction/--test-fraction")
+        raise DataError(f"{cfg.dataset}: no training rows ({why})")
     return splits, tokenized
 
 
@@ -95,13 +100,31 @@ class SFTTrainerWithGuard:
         from trl import SFTTrainer
 
         class GuardedSFTTrainer(SFTTrainer):
+            row_trace = None  # rowtrace.RowTrace when FINE_TUNE_LLM_TRACE_ROWS=1 (tests of data sharding)
+
+            def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+                # PEFT's load_adapter upcasts bf16 adapter weights to fp32 (autocast_adapter_dtype,
+                # https://github.com/huggingface/peft/issues/2421) while TRL trains them in bf16 on a quantized
+                # model: keep the dtypes this run trains in, or a resumed run drifts from an uninterrupted one.
+                target = model if model is not None else self.model
+                dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+                for n, p in target.named_parameters():
+                    if n in dtypes and p.dtype != dtypes[n]:
+                        p.data = p.data.to(dtypes[n])
+
             def training_step(self, model, inputs, num_items_in_batch=None):
+                if self.row_trace is not None:
+                    self.row_trace.record(inputs, self.state.global_step + 1)
                 loss = super().training_step(model, inputs, num_items_in_batch)
-                # Checked before the optimizer step: the weights and the last checkpoint stay good.
-                if not torch.isfinite(loss).all():
+                # Checked before the optimizer step: the weights and the last checkpoint stay good. Every rank
+                # must agree, or the healthy ranks would wait forever in the next all-reduce.
+                if not all_ranks(bool(torch.isfinite(loss).all()), self.args):
+                    good = checkpoints.last_good_checkpoint(Path(self.args.output_dir))
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.state.global_step + 1}; training stopped. The last "
-                        f"good checkpoint is kept in {self.args.output_dir}. Lower --learning-rate or check the data.")
+                        f"loss became {loss.item()} at step {self.state.global_step + 1}; training stopped before "
+                        f"that step's update. Last good checkpoint: {good or 'none yet'}. Lower --learning-rate "
+                        f"(and pass --no-resume) or check the data.")
                 return loss
 
         return GuardedSFTTrainer(**kwargs)
@@ -115,29 +138,45 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, run_dir
         callbacks=[checkpoints.CompletionMarker(), *callbacks])
 
 
+def all_ranks(flag: bool, args) -> bool:
+    """True only if `flag` holds on every process (one tiny all-reduce; free on a single process)."""
+    import torch.distributed as dist
+
+    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() == 0.0
+
+
 class StopOnSigint:
-    """First Ctrl-C: finish the current step, save a checkpoint and the adapter, then stop."""
+    """First Ctrl-C (or SIGTERM, what schedulers and spot preemption send): finish the current step, save a
+    checkpoint, the adapter and the metrics, then stop."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:  # second Ctrl-C: give up at once
                 raise KeyboardInterrupt
             self.requested = True
-            log.warning("Ctrl-C: saving a checkpoint and the adapter after this step (Ctrl-C again to abort)")
+            log.warning("%s: saving a checkpoint and the adapter after this step (Ctrl-C again to abort)",
+                        signal.Signals(signum).name)
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread (e.g. some notebook runners): no handler
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no handler
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -146,7 +185,9 @@ class StopOnSigint:
 
         class _Cb(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if outer.requested:
+                # Under DDP the signal reaches ranks at different moments: stop together, at the same step.
+                if not all_ranks(not outer.requested, args):
+                    outer.requested = True
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -171,27 +212,35 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, model=None, tokeni
     tokenizer = tokenizer or load_tokenizer(cfg)
     _, data = prepare_data(cfg, tokenizer)
     model = add_lora(model or load_model(cfg), cfg)
-    checkpoint = checkpoints.resume_point(run_dir, resume)
+    checkpoint = checkpoints.resume_point(run_dir, resume, cfg)
+    trace = rowtrace.start(data["train"])
     _write_run_files(cfg, run_dir, checkpoint)
     with StopOnSigint() as sigint:
         trainer = build_trainer(cfg, model, tokenizer, data["train"], data["validation"], run_dir,
                                 callbacks=[sigint.callback()])
+        trainer.row_trace = trace
         trainer.train(resume_from_checkpoint=checkpoint)
-    return finish(cfg, trainer, tokenizer, run_dir, interrupted=sigint.requested)
+    result = finish(cfg, trainer, tokenizer, run_dir, interrupted=sigint.requested)
+    if trace is not None:
+        trace.write(run_dir, trainer.args.process_index)
+    return result
 
 
 def _write_run_files(cfg: TrainConfig, run_dir: Path, checkpoint: str | None) -> None:
     from .manifest import write_manifest
 
-    if _is_main_process():
+    if is_main_process():
         cfg.save(run_dir / "config.yaml")
         write_manifest(cfg, run_dir, resumed_from=checkpoint)
 
 
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+def is_main_process() -> bool:
+    """Rank 0, or a single process. Read from the launcher's environment: a PartialState() made before the
+    Trainer's own reports one process under torchrun on CPU, and every rank would write the run files."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) == 0
+    return True
 
 
 def finish(cfg: TrainConfig, trainer, tokenizer, run_dir: Path, interrupted: bool = False) -> TrainResult:
@@ -200,8 +249,12 @@ def finish(cfg: TrainConfig, trainer, tokenizer, run_dir: Path, interrupted: boo
 
     adapter_dir = run_dir / "adapter"
     history = trainer.state.log_history
+    # Every rank calls save_model (the Trainer writes on rank 0 only): under FSDP, gathering the sharded
+    # adapter is collective, and a sharded state dict would save nothing at all.
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(adapter_dir))
         save_inference_files(tokenizer, trainer.model, adapter_dir)
         cfg.save(adapter_dir / "training_config.yaml")
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
