@@ -99,7 +99,8 @@ def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Seq
             ids[row, :length] = torch.tensor(input_ids[i])
             attention[row, :length] = 1
             mask[row, :length] = torch.tensor(completion_mask[i], dtype=torch.bool)
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+        # use_cache=False: a one-pass score needs no KV cache (building one costs a concat per layer).
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
         # Position t predicts token t+1: a masked target at t+1 is scored from the logits at t.
         target = mask[:, 1:]
         picked = logits[:, :-1][target.to(logits.device)].float()
