@@ -214,9 +214,8 @@ def evaluation_section(run: RunFiles) -> str:
     base = metrics.get("base") if isinstance(metrics, dict) else None
     tuned = metrics.get("tuned") if isinstance(metrics, dict) else None
     if not (isinstance(base, dict) and isinstance(tuned, dict)):
-        where = f" (`fine-tune-llm evaluate {run.run_dir}`)" if run.run_dir else ""
-        return "\n".join(head + ["No evaluation report was found for this run" + where + ": the numbers above are "
-                                 "training and validation losses only."])
+        return "\n".join([*head, ("No evaluation report was found for this run (`fine-tune-llm evaluate RUN_DIR` "
+                                   "writes one): the numbers above are training and validation losses only.")])
     settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
     split = settings.get("split", "held-out")
     n = base.get("answers")
