@@ -166,5 +166,5 @@ def make_callback():
     return CompletionMarker()
 
 
-def CompletionMarker():  # noqa: N802 - reads like the callback class it returns
+def CompletionMarker():
     return make_callback()

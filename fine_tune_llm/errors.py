@@ -12,7 +12,7 @@ def secrets() -> list[str]:
         from huggingface_hub import get_token
 
         found.add(get_token())
-    except Exception:  # no huggingface_hub, unreadable cache: nothing more to hide
+    except Exception:  # noqa: BLE001, S110 - no huggingface_hub, unreadable cache: nothing more to hide
         pass
     return sorted((s for s in found if s and len(s) >= 8), key=len, reverse=True)
 

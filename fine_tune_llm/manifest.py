@@ -130,7 +130,7 @@ def _hub_commit(repo_id: str, repo_type: str) -> str | None:
         api = HfApi()
         info = api.model_info(repo_id, timeout=10) if repo_type == "model" else api.dataset_info(repo_id, timeout=10)
         return info.sha
-    except Exception:  # offline, gated, not found: unknown, and the run goes on
+    except Exception:  # noqa: BLE001 - offline, gated, not found: unknown, and the run goes on
         return None
 
 

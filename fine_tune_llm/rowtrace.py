@@ -7,6 +7,7 @@ the main process writes the adapter, logs and CSVs. Each rank writes <run_dir>/t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -55,7 +56,7 @@ class RowTrace:
             seq = ids[n]
             if "position_ids" in inputs and "attention_mask" not in inputs:  # padding-free: starts at position 0
                 starts = (inputs["position_ids"][n] == 0).nonzero().flatten().tolist() + [seq.shape[0]]
-                pieces = [seq[a:b] for a, b in zip(starts, starts[1:])]
+                pieces = [seq[a:b] for a, b in itertools.pairwise(starts)]
             else:
                 pieces = [seq[inputs["attention_mask"][n].bool()]]
             rows += [self.by_ids.get(tuple(p.tolist()), -1) for p in pieces]

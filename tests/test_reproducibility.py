@@ -13,7 +13,8 @@ from fine_tune_llm import rowtrace, training
 from fine_tune_llm.config import make_config
 
 # 40 rows -> 32 train rows: 8 sequences an optimizer step, 3 steps. Nothing is truncated at 192 tokens.
-SMALL = dict(data_samples=40, max_length=192, max_steps=3, save_steps=100, eval_steps=100, logging_steps=1)
+SMALL = {"data_samples": 40, "max_length": 192, "max_steps": 3, "save_steps": 100, "eval_steps": 100,
+         "logging_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_accumulation_equals_a_bigger_batch_exactly_in_fp32(runs):
     <= 7e-8 relative on the loss, <= 4e-7 on the grad norm). The past bug - each micro-batch's mean loss averaged
     over micro-batches instead of one mean over all answer tokens, fixed by transformers' num_items_in_batch -
     moves step 1 alone by 3.5% on these rows (checked in the QLoRA test below)."""
-    fp32 = dict(quantization="none", dtype="float32")
+    fp32 = {"quantization": "none", "dtype": "float32"}
     big, acc = runs("f32_b8", batch_size=8, grad_accum=1, **fp32), runs("f32_b1x8", batch_size=1, grad_accum=8, **fp32)
     tb, ta = trajectory(big), trajectory(acc)
     for step in tb:

