@@ -67,7 +67,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
     try:
         return pd.read_parquet(path).to_dict("records")
-    except Exception as exc:  # pyarrow raises several types for a damaged or mislabelled file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged or mislabelled file
         raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
