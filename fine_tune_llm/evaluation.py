@@ -24,16 +24,20 @@ from .modeling import guard_cpu_4bit, load_model, load_tokenizer, model_source
 from .scoring import language_metrics, model_device, preference_metrics, score_answers
 
 log = logging.getLogger(__name__)
-# Higher is better for these; lower is better for perplexity and bits per byte.
+# Compared base vs tuned in report["deltas"] (tuned minus base).
 METRIC_KEYS = ["perplexity", "bits_per_byte", "loss", "accuracy_normalized", "accuracy_sum", "mean_margin",
                "mean_margin_sum"]
 
 
-def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype: str = "float32"):
+# float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
+# evaluation numbers must not depend on the batch size.
+EVAL_DTYPE = "float32"
+
+
+def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype: str = EVAL_DTYPE):
     """The base model as the config loads it (quantized as configured), plus the adapter when given.
 
-    Compute runs in float32 by default: bf16 logits differ in the third digit with the shape of the batch, and
-    evaluation numbers should not depend on the batch size. The stored weights stay as configured (4-bit).
+    Compute runs in float32 by default (EVAL_DTYPE); the stored weights stay as configured (4-bit).
     """
     eval_cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
     if "gguf_file" in model_source(cfg)[1] and cfg.quantization != "none":
@@ -112,9 +116,10 @@ def eval_rows(cfg: TrainConfig, split: str = "test") -> list[dict[str, Any]]:
 
 
 def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
-                label: str = "", seed: int = 0) -> dict[str, Any]:
+                label: str = "", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Perplexity and bits per byte on the chosen answers; preference over (chosen, rejected) pairs."""
-    kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size}
+    kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size,
+              "progress": progress}
     questions = [r["question"] for r in rows]
     chosen = score_answers(model, tokenizer, questions, [r["answer"] for r in rows],
                            desc=f"{label} chosen".strip(), **kwargs)
@@ -134,12 +139,12 @@ def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], 
 
 
 def compare_generations(model, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
-                        system_prompt: str | None, seed: int) -> dict[str, list[dict[str, Any]]]:
+                        system_prompt: str | None, seed: int, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Greedy and sampled answers from base (adapter off) and tuned, with the same settings and seed."""
     out: dict[str, list[dict[str, Any]]] = {}
     for mode, sample in (("greedy", False), ("sampled", True)):
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
-                      "system_prompt": system_prompt}
+                      "system_prompt": system_prompt, "progress": progress}
         with model.disable_adapter():
             base = generate_answers(model, tokenizer, questions, **kwargs)
         tuned = generate_answers(model, tokenizer, questions, **kwargs)
@@ -165,15 +170,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", batch_size: int = 8, 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     rows = eval_rows(cfg, split)
-    model, tokenizer = load_for_eval(cfg, run_dir / "adapter")
+    model, tokenizer = load_for_eval(cfg, run_dir / "adapter", dtype=EVAL_DTYPE)
     with model.disable_adapter():
-        base = score_model(model, tokenizer, cfg, rows, batch_size, label="base", seed=seed)
-    tuned = score_model(model, tokenizer, cfg, rows, batch_size, label="tuned", seed=seed)
+        base = score_model(model, tokenizer, cfg, rows, batch_size, label="base", seed=seed, progress=progress)
+    tuned = score_model(model, tokenizer, cfg, rows, batch_size, label="tuned", seed=seed, progress=progress)
     questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
     generations = compare_generations(model, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
-                                      seed) if questions else {}
+                                      seed, progress) if questions else {}
     settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
-                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": "float32",
+                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
                 "sampling": _sampling_settings(model)}
     report = build_report(run_dir, cfg, settings, base, tuned, deltas(base, tuned), generations, time.time() - t0)
     write_report(run_dir, report)

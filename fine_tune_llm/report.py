@@ -87,7 +87,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         (f"Base model `{report['base_model']}` vs base + adapter (`{report['adapter']}`, step "
         f"{report['global_step']}), on the held-out **{s['split']}** split: {base['answers']} answers, "
-        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, float32 compute."),
+        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, {s['compute_dtype']} compute."),
         "",
         "| metric | base | tuned | delta |",
         "|---|---|---|---|",

@@ -267,10 +267,10 @@ def test_untuned_smollm2_prefers_the_empathetic_answer_per_token():
     from fine_tune_llm.evaluation import score_model
 
     cfg = make_config("smollm2-135m", base_model=str(SMOL_GGUF), dataset=str(REAL_DATA))
-    rows = load_splits(cfg.dataset, cfg.seed, None, cfg.val_fraction, cfg.test_fraction)["test"][:24]
+    rows = load_splits(cfg.dataset, cfg.seed, None, cfg.val_fraction, cfg.test_fraction)["test"][:16]
     model, tokenizer = load_for_eval(cfg)
     m = score_model(model, tokenizer, cfg, rows, batch_size=8)
-    assert m["pairs"] == 24
+    assert m["pairs"] == 16
     assert m["accuracy_normalized"] >= 0.8  # ~98% on the whole held-out split
     assert m["mean_margin"] > 0 and m["margin_ci95"][0] > 0
     # response_j is the longer answer, so the raw sum favours response_k: the bias the report warns about.
