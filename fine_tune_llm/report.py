@@ -100,8 +100,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             (f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
-            f"{100 * base['chosen_longer']:.1f}% of pairs, so the raw-sum accuracy is biased toward the shorter "
-            f"(rejected) answer; the length-normalized accuracy (mean log-prob per answer token) is the fair one. "
+            f"{100 * base['chosen_longer']:.1f}% of pairs. Every extra token lowers a summed log-likelihood, so the "
+            f"raw-sum accuracy favours the shorter answer; the length-normalized accuracy (mean log-prob per answer "
+            f"token) is the fair one. "
             f"Accuracy saturates when the base model already prefers the chosen answers; the mean margin shows "
             f"how far the tuned model moved."),
         ]
