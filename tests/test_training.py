@@ -45,15 +45,16 @@ def test_run_directory_holds_adapter_tokenizer_config_and_logs(trained):
 
 
 def test_saved_adapter_gives_the_same_logits_as_the_model_in_memory(trained):
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     cfg, result = trained
     tok = load_tokenizer(cfg)
     batch = tok(["I feel anxious before every exam.", "My sleep is a mess lately."], return_tensors="pt",
                 padding=True)
     in_memory = result.model.eval()
-    # Prepared as in training (norms in fp32), adapter weights kept in the dtype they were trained in.
-    base = prepare_model_for_kbit_training(load_model(cfg), use_gradient_checkpointing=False)
+    # Prepared as in training (add_lora keeps the frozen weights in bf16, as loaded), adapter weights kept in the
+    # dtype they were trained in.
+    base = load_model(cfg)
     reloaded = PeftModel.from_pretrained(base, result.adapter_dir, autocast_adapter_dtype=False).eval()
     with torch.no_grad():
         a = in_memory(**batch).logits.float()

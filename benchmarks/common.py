@@ -1,0 +1,174 @@
+"""Measurement helpers shared by the benchmarks: machine description, matmul peak, memory, step timing."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REAL_DATA = SHARED / "data" / "psychology-dataset" / "psychology_dataset.parquet"
+GEMMA_TOKENIZER = SHARED / "models" / "gemma-tokenizer"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> dict[str, str]:
+    """What ran the numbers, including how busy the machine was (a shared CPU makes wall times noisy)."""
+    info = {"torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = f"CPU {cpu_name()} x{os.cpu_count()} cores"
+    info["python"] = platform.python_version()
+    info["load_avg_1m"] = f"{load_average():.1f}"
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Best FLOP/s of a large square matmul in `dtype` on this device, measured now."""
+    dev = device()
+    n = 8192 if dev.type == "cuda" else 2048
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    best = 0.0
+    end = time.perf_counter() + seconds
+    a @ b  # warm-up
+    while time.perf_counter() < end:
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS between configurations, so each one's peak RSS is its own."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """Peak resident memory (CPU) or peak allocated memory (CUDA) while the block runs, in GB."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_gb = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_gb = max(self.peak_gb, self._proc.memory_info().rss / 2**30)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak_gb = torch.cuda.max_memory_allocated() / 2**30
+
+
+@dataclass
+class StepLog:
+    """Per optimizer step: wall and CPU seconds, and the tokens of the batches that step consumed."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # computed positions, padding included
+    real: list[int] = field(default_factory=list)  # non-padding tokens
+    trained: list[int] = field(default_factory=list)  # tokens with a loss (next-token labels != -100)
+    loss: list[float] = field(default_factory=list)
+
+
+class CountingCollator:
+    """Wraps a data collator and records, per batch, computed positions, real tokens and trained tokens."""
+
+    def __init__(self, collate, pad_token_id: int):
+        self.collate = collate
+        self.pad_token_id = pad_token_id
+        self.batches: list[tuple[int, int, int]] = []
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        ids, labels = batch["input_ids"], batch["labels"]
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(
+            sum(len(e["input_ids"]) for e in examples))
+        self.batches.append((ids.numel(), real, int((labels[:, 1:] != -100).sum())))
+        return batch
+
+
+def step_timer(log: StepLog, counter: CountingCollator, accum: int):
+    """A TrainerCallback filling `log`: step k lasts from the end of step k-1 (or the start of training) to its
+    own end, so it includes fetching and collating its batches, forward, backward and the optimizer."""
+    from transformers import TrainerCallback
+
+    class _Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.t, self.c = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            log.wall.append(t - self.t)
+            log.cpu.append(c - self.c)
+            self.t, self.c = t, c
+            k = len(log.wall) - 1
+            batches = counter.batches[k * accum:(k + 1) * accum]
+            log.positions.append(sum(b[0] for b in batches))
+            log.real.append(sum(b[1] for b in batches))
+            log.trained.append(sum(b[2] for b in batches))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log.loss.append(float(logs["loss"]))
+
+    return _Timer()
