@@ -40,6 +40,7 @@ class TrainConfig:
     data_samples: int | None = None
     # 10% / 10% of distinct questions leaves ~1,000 rows each for stable eval loss and preference accuracy.
     val_fraction: float = 0.1
+    # The test split is never trained on nor used for model selection: the before/after report uses it.
     test_fraction: float = 0.1
     # Gemma's template refuses a system role, so a system prompt is folded into the first user turn.
     system_prompt: str | None = None
@@ -51,6 +52,7 @@ class TrainConfig:
     quantization: str = "4bit"
     # r=16 is the QLoRA paper's sweet spot for 2B-7B models; alpha=2r keeps the update scale at 2.
     lora_r: int = 16
+    # alpha = 2r: the LoRA update is scaled by alpha/r = 2, the common QLoRA setting.
     lora_alpha: int = 32
     # Light regularisation for a ~8k-row dataset; 0 on CPU where dropout masks dominate step time.
     lora_dropout: float = 0.05
@@ -66,9 +68,11 @@ class TrainConfig:
     max_steps: int = -1
     # 4 x 4 = 16 sequences per optimizer step fits a T4's 16 GB with gradient checkpointing.
     batch_size: int = 4
+    # Accumulate to 16 sequences per update without the memory of batch 16.
     grad_accum: int = 4
     # A short warm-up keeps the first updates of freshly initialised LoRA B matrices small.
     warmup_ratio: float = 0.03
+    # Cosine decay ends near zero, so the last steps polish rather than jump.
     lr_scheduler: str = "cosine"
     # Clipping at 1.0 is the Hugging Face default and guards against a single long-answer spike.
     max_grad_norm: float = 1.0
@@ -95,7 +99,9 @@ class TrainConfig:
     # --- logging, evaluation, checkpoints -----------------------------------------------------------
     # ~600 optimizer steps per epoch on the full data: 10 / 50 gives smooth curves and 12 evals.
     logging_steps: int = 10
+    # Evaluate as often as we checkpoint, so each checkpoint has an eval loss.
     eval_steps: int = 50
+    # A checkpoint every 50 steps (~5 min on a T4) bounds what a crash can cost.
     save_steps: int = 50
     # Keep a few checkpoints: enough to fall back past a corrupt one, not enough to fill a disk.
     save_total_limit: int = 3

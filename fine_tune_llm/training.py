@@ -32,6 +32,7 @@ class TrainResult:
     global_step: int
     interrupted: bool = False
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, for notebooks and tests
 
 
 def tokenize_split(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: str = "split"):
@@ -232,7 +233,9 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, model=None, tokeni
     set_seed(cfg.seed)
     tokenizer = tokenizer or load_tokenizer(cfg)
     _, data = prepare_data(cfg, tokenizer)
-    model = add_lora(model or load_model(cfg), cfg)
+    model = model or load_model(cfg)
+    if not hasattr(model, "peft_config"):  # a notebook may wrap it first, to show the LoRA layers before training
+        model = add_lora(model, cfg)
     checkpoint = checkpoints.resume_point(run_dir, resume, cfg)
     trace = rowtrace.start(data["train"])
     _write_run_files(cfg, run_dir, checkpoint)
@@ -283,7 +286,11 @@ def finish(cfg: TrainConfig, trainer, tokenizer, run_dir: Path, interrupted: boo
     train_loss, eval_loss = final_losses(history)
     if train_loss is not None and not math.isfinite(train_loss):
         raise TrainingDiverged(f"final training loss is {train_loss}")
-    return TrainResult(run_dir, adapter_dir, train_loss, eval_loss, trainer.state.global_step, interrupted, history)
+    # Accelerate wraps forward in bf16 autocast for mixed precision; unwrap so the returned model computes
+    # exactly as the same adapter loaded from disk does.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return TrainResult(run_dir, adapter_dir, train_loss, eval_loss, trainer.state.global_step, interrupted, history,
+                       model=model)
 
 
 def save_inference_files(tokenizer, model, out: Path) -> None:
