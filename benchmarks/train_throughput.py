@@ -247,12 +247,13 @@ def ours_config(spec, a, ctx, run_dir):
 
     preset = ours_preset()
     overrides = {k: v for k, v in spec.items() if k != "kind"}
+    # The preset's machinery; the hyperparameters every row shares (LoRA shape and dropout included).
+    shared = {"seed": a.seed, "lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"]}
     return make_config(preset, base_model=str(ctx["model_dir"]), dataset=str(REAL_DATA), requires_cuda=False,
-                       lora_r=LORA["r"], lora_alpha=LORA["alpha"], learning_rate=a.lr, lr_scheduler="constant",
-                       warmup_ratio=0.0, batch_size=a.batch, grad_accum=1, max_steps=a.steps,
-                       max_length=a.max_length, logging_steps=1, eval_steps=10**9, save_steps=10**9,
-                       output_dir=run_dir, metrics_dir=run_dir, imgs_dir=run_dir,
-                       **{"seed": a.seed, **overrides})
+                       learning_rate=a.lr, lr_scheduler="constant", warmup_ratio=0.0, batch_size=a.batch,
+                       grad_accum=1, max_steps=a.steps, max_length=a.max_length, logging_steps=1,
+                       eval_steps=10**9, save_steps=10**9, output_dir=run_dir, metrics_dir=run_dir, imgs_dir=run_dir,
+                       **{**shared, **overrides})
 
 
 def build_ours(spec, a, ctx, run_dir):
