@@ -20,7 +20,7 @@ from .chat import build_messages, render_prompt
 from .config import TrainConfig, load_run_config
 from .data import load_splits
 from .errors import ConfigError, DataError
-from .modeling import guard_cpu_4bit, load_model, load_tokenizer, model_source
+from .modeling import guard_cpu_4bit, load_model, load_tokenizer
 from .scoring import language_metrics, model_device, preference_metrics, score_answers
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,6 @@ def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype
     Compute runs in float32 by default (EVAL_DTYPE); the stored weights stay as configured (4-bit).
     """
     eval_cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
-    if "gguf_file" in model_source(cfg)[1] and cfg.quantization != "none":
-        # transformers dequantizes GGUF weights on load and refuses a bitsandbytes config on top of them.
-        log.info("%s: GGUF weights load dequantized; evaluating without %s quantization", cfg.base_model,
-                 cfg.quantization)
-        eval_cfg = dataclasses.replace(eval_cfg, quantization="none")
     tokenizer = load_tokenizer(cfg)
     model = load_model(eval_cfg)
     if adapter_dir is not None:

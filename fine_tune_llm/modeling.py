@@ -24,8 +24,53 @@ def model_source(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
         return str(tiny_model_dir()), {}
     path = Path(cfg.base_model).expanduser()
     if path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
-    return cfg.base_model, ({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+        return gguf_as_safetensors(path.parent, path.name), {}
+    if cfg.gguf_file:
+        return gguf_as_safetensors(path, cfg.gguf_file), {}
+    return cfg.base_model, {}
+
+
+def gguf_as_safetensors(folder: Path, name: str) -> str:
+    """A GGUF model rewritten once as a bf16 safetensors folder (cached), so bitsandbytes can quantize it.
+
+    transformers dequantizes GGUF weights on load but refuses a quantization_config for them; going through
+    a plain checkpoint gives the same 4-bit model as any Hub safetensors model.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    from .tiny import cache_root
+
+    source = Path(folder).expanduser() / name
+    if not source.is_file():
+        raise ConfigError(f"GGUF file not found: {source}")
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / f"gguf-{source.stem}-{key}"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a bf16 safetensors checkpoint in %s (once)", source, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        AutoTokenizer.from_pretrained(source.parent, gguf_file=name).save_pretrained(tmp)
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=name, dtype=torch.bfloat16)
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): copy its weights into a plain one.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def is_local(cfg: TrainConfig) -> bool:

@@ -117,3 +117,22 @@ def test_without_the_guard_this_cpu_gets_wrong_gradients(tiny_cfg):
         pytest.skip("this CPU has no AVX512-BF16: the repacking path does not exist here")
     before, after = grads_before_and_after_eval(tiny_cfg, guard=False)
     assert any(not torch.allclose(before[n], after[n], rtol=1e-2, atol=1e-6) for n in before)
+
+
+@pytest.mark.slow
+def test_real_small_chat_model_from_gguf_loads_in_4bit_and_masks_its_own_turn_end(tmp_path, monkeypatch):
+    """The smollm2-135m preset on the real GGUF: rewritten once as safetensors, then NF4 like any Hub model."""
+    import bitsandbytes as bnb
+
+    from fine_tune_llm.chat import build_messages, encode_batch
+    from fine_tune_llm.config import make_config
+    from tests.conftest import SMOLLM_DIR, SMOLLM_GGUF, need
+
+    monkeypatch.setenv("FINE_TUNE_LLM_CACHE", str(tmp_path / "cache"))
+    cfg = make_config("smollm2-135m", base_model=str(need(SMOLLM_DIR) / SMOLLM_GGUF))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7
+    out = encode_batch(tok, [build_messages("How do I calm down?")], ["Breathe slowly."], 256)
+    trained = [t for t, m in zip(out["input_ids"][0], out["completion_mask"][0]) if m]
+    assert tok.decode(trained) == "Breathe slowly.<|im_end|>"
