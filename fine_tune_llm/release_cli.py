@@ -18,6 +18,7 @@ def _card(p: argparse.ArgumentParser) -> None:
     p.add_argument("--license", help="Hub licence id for the card (default: the base model's, when known)")
     p.add_argument("--dataset-id", help="Hub id of the training data, for the card's metadata")
     p.add_argument("--tokenizer-model", help="the base model's SentencePiece tokenizer.model (file or folder)")
+    p.add_argument("--base-model-id", help="the base model's Hub id, when training loaded it from a local folder")
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +44,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llama-cpp-dir", help="a llama.cpp checkout (default: the llama-cpp-python sdist's copy)")
     g.add_argument("--cache-dir", help="where the downloaded converter is kept")
     g.add_argument("--name", default="model", help="file name stem: NAME-f16.gguf, NAME-q8_0.gguf, ...")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="limit for the stop-by-itself check")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="limit for the stop-by-itself check")
     _common(g)
     u = sub.add_parser("push", help="upload a checked release folder to a Hub model repo")
     u.add_argument("folder")
@@ -62,7 +63,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def _card_kwargs(args: argparse.Namespace) -> dict:
-    return {"license": args.license, "dataset_id": args.dataset_id, "tokenizer_model": args.tokenizer_model}
+    return {"license": args.license, "dataset_id": args.dataset_id, "tokenizer_model": args.tokenizer_model,
+            "base_model_id": args.base_model_id}
 
 
 def _adapter(args: argparse.Namespace) -> int:

@@ -204,3 +204,15 @@ def test_push_refuses_a_folder_that_is_not_a_release(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ReleaseCheckFailed, match="not a release folder"):
         push_folder(tmp_path, "me/x", dry_run=True)
+
+
+def test_a_base_loaded_from_a_local_folder_is_published_under_its_hub_id(run_dir, tmp_path):
+    out = release_adapter(run_dir, tmp_path / "a", base_model_id="someone/tiny-gemma-base", license="apache-2.0")
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "someone/tiny-gemma-base"  # training wrote a cache folder here
+    meta = check_folder(out)
+    assert meta.ok and meta.facts["card"]["base_model"] == "someone/tiny-gemma-base"
+    assert not [w for w in meta.warnings if "base_model" in w]
+    for path in out.iterdir():
+        if path.suffix in (".json", ".md", ".yaml", ".jinja"):
+            assert "/root/" not in path.read_text() and "fine_tune_llm/tiny" not in path.read_text(), path.name

@@ -29,13 +29,13 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 def release_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None, *, license: str | None = None,
                     dataset_id: str | None = None, tokenizer_model: str | Path | None = None,
-                    overwrite: bool = False) -> Path:
+                    base_model_id: str | None = None, overwrite: bool = False) -> Path:
     """Write the adapter release folder (default: RUN/release/adapter), check it, and return its path."""
     from transformers import AutoTokenizer
 
     from ..training import generation_config
 
-    run = locate_run(run_or_adapter)
+    run = locate_run(run_or_adapter, base_model_id)
     out = fresh_dir(out_dir or default_release_dir(run, "adapter"), overwrite)
     for name in ADAPTER_FILES:
         src = run.adapter_dir / name
@@ -49,7 +49,7 @@ def release_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = Non
     generation_config(tok, _saved_generation_config(run.adapter_dir)).save_pretrained(str(out))
     (out / "training_config.yaml").write_text(yaml.safe_dump(public_config(run.cfg), sort_keys=False))
     goal = "questions about emotional difficulties with empathy" if _psych(run) else "like its training data"
-    summary = (f"A LoRA adapter for [`{run.cfg.base_model}`]({_hub_url(run.cfg.base_model)}), trained with QLoRA "
+    summary = (f"A LoRA adapter for [`{run.base_id}`]({_hub_url(run.base_id)}), trained with QLoRA "
                f"to answer {goal}. Load it on top of the base model with PEFT.")
     write_card(out, "adapter", run, summary, license=license, dataset=dataset_id, sizes=split_sizes(run.cfg))
     check_adapter(out).raise_if_failed()
@@ -93,12 +93,11 @@ def raise_missing(run: RunFiles, name: str) -> None:
 
 
 def _point_at_hub_base(path: Path, run: RunFiles) -> None:
-    """adapter_config.json names the base by where training loaded it; on the Hub that must be its Hub id."""
-    from .common import is_hub_id
-
+    """adapter_config.json names the base by where training loaded it (maybe a folder of this machine); a
+    release names it by its Hub id, which is what PEFT downloads elsewhere."""
     conf = json.loads(path.read_text())
-    if is_hub_id(run.cfg.base_model) and conf.get("base_model_name_or_path") != run.cfg.base_model:
-        conf["base_model_name_or_path"] = run.cfg.base_model
+    if conf.get("base_model_name_or_path") != run.base_id:
+        conf["base_model_name_or_path"] = run.base_id
         path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 

@@ -89,8 +89,16 @@ def check_tokenizer(result: CheckResult, need_sp_model: bool = False):
             result.errors.append(f"generation_config.json eos_token_id {sorted(e for e in eos if e is not None)} "
                                  f"lacks {names}: generation would not stop at the end of the turn")
         result.facts["eos_token_id"] = sorted(e for e in eos if e is not None)
-    if not (folder / "tokenizer.model").is_file():
+    if not (folder / "tokenizer.model").is_file() and sentencepiece_based(folder):
         msg = ("tokenizer.model (SentencePiece) is missing: llama.cpp's converter and slow tokenizers need it; pass "
                "tokenizer_model= (--tokenizer-model) with the base model's file")
         (result.errors if need_sp_model else result.warnings).append(msg)
     return tok
+
+
+def sentencepiece_based(folder: Path) -> bool:
+    """Whether tokenizer.json was converted from a SentencePiece model (Gemma, Llama 2, Mistral): a Unigram
+    model, or BPE with byte fallback. Byte-level BPE tokenizers (GPT-2 style, SmolLM2) have no tokenizer.model."""
+    data = read_json(folder / "tokenizer.json") or {}
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    return model.get("type") == "Unigram" or (model.get("type") == "BPE" and bool(model.get("byte_fallback")))

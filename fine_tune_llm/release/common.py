@@ -53,9 +53,19 @@ class RunFiles:
     adapter_dir: Path
     run_dir: Path | None
     cfg: TrainConfig
+    # The base model's Hub id when training loaded it from a local copy (e.g. a Kaggle or Colab folder).
+    base_model_id: str | None = None
+
+    @property
+    def base_id(self) -> str:
+        """The name a release gives its base model: a Hub id, never a path of this machine."""
+        if self.base_model_id:
+            return self.base_model_id
+        base = self.cfg.base_model
+        return base if is_hub_id(base) or not any(c in base for c in "/\\") else Path(base).name
 
 
-def locate_run(path: str | Path) -> RunFiles:
+def locate_run(path: str | Path, base_model_id: str | None = None) -> RunFiles:
     """Accept a run directory (with adapter/) or an adapter directory (with training_config.yaml)."""
     path = Path(path).expanduser()
     if (path / "adapter" / "adapter_config.json").is_file():
@@ -75,7 +85,7 @@ def locate_run(path: str | Path) -> RunFiles:
     else:
         raise ConfigError(f"{adapter_dir}: no training_config.yaml and no run directory above it; the release "
                           f"needs the training settings (base model, data, hyperparameters)")
-    return RunFiles(adapter_dir, run_dir, cfg)
+    return RunFiles(adapter_dir, run_dir, cfg, base_model_id)
 
 
 def default_release_dir(run: RunFiles, stage: str) -> Path:

@@ -9,8 +9,8 @@
   the FIM separator, so each id is checked against its token text and fixed with gguf-py's
   `gguf_new_metadata.py`.
 - Every file is then loaded in llama-cpp-python: its end-of-turn token must be the chat template's, the tokens
-  that end generation must be control tokens, its tokenizer must match the Hugging Face one on a chat prompt,
-  and a short greedy answer must end by itself.
+  that end generation must be special tokens, its tokenizer must match the Hugging Face one on chat prompts,
+  and a short greedy answer must end by itself on the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,9 @@ QUANTS = ("q8_0", "q4_k_m")
 # Block size of each type: rows whose length is not a multiple fall back to another type (llama-quant.cpp).
 K_QUANT_BLOCK = 256
 VERIFY_FILE = "verification.json"
-PROBE_PROMPT = "I have been feeling anxious about my exams and I can't sleep. What can I do?"
+PROBE_QUESTIONS = ["I have been feeling anxious about my exams and I can't sleep. What can I do?",
+                   "My best friend stopped talking to me and I don't know why.",
+                   "How can I stop comparing myself to other people?"]
 FIM_KEYS = ("prefix", "suffix", "middle", "fsep", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")
 # Ollama templates for the chat formats we know (Ollama's own gemma / ChatML templates); keyed by turn end.
 OLLAMA_TEMPLATES = {
@@ -81,8 +84,10 @@ class GGUFResult:
         lines = [f"GGUF -> {self.folder} (converter: {self.converter})"]
         for f in self.files:
             v = f.verification
+            tried = v.get("answers_tried", 1)
             lines.append(f"  {f.name}: {human_bytes(f.bytes)}, {f.tensor_types}; eot={v.get('eot_token')!r}, "
-                         f"stopped on {v.get('stopped_on')!r} after {v.get('new_tokens')} tokens, "
+                         f"greedy answer to question {tried} stopped on {v.get('stopped_on')!r} after "
+                         f"{v.get('new_tokens')} tokens, "
                          f"{'ok' if f.passed else 'FAILED: ' + '; '.join(v.get('failures', []))}"
                          + (f" [{f.note}]" if f.note else ""))
         if self.metadata_fixes:
@@ -92,7 +97,7 @@ class GGUFResult:
 
 def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, quants: tuple[str, ...] = QUANTS,
                 llama_cpp_dir: str | Path | None = None, cache_dir: str | Path | None = None, name: str = "model",
-                max_new_tokens: int = 256, overwrite: bool = False) -> GGUFResult:
+                max_new_tokens: int = 512, overwrite: bool = False) -> GGUFResult:
     """f16 GGUF + quantized copies + Modelfile + card (default: next to the merged folder, in gguf/)."""
     from .merge import check_merged
 
@@ -113,15 +118,16 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
     for q in quants:
         paths[q] = out / f"{name}-{q}.gguf"
         quantize(f16, paths[q], q, llama_cpp)
-    prompt_ids, prompt = _probe_prompt(merged_dir)
+    probe = probe_for(merged_dir)
     files = []
     for q, path in paths.items():
         types = tensor_types(path)
         files.append(GGUFFile(path.name, q, path.stat().st_size, types, k_quant_note(path, q),
-                              verify_gguf(path, turn_end, prompt, prompt_ids, max_new_tokens)))
+                              verify_gguf(path, probe, max_new_tokens)))
     modelfile = write_modelfile(out, files, turn_end)
     result = GGUFResult(out, files, modelfile, str(root), fixes)
-    write_json(out / VERIFY_FILE, {"converter": str(root.name), "metadata_fixes": fixes, "prompt": prompt,
+    write_json(out / VERIFY_FILE, {"converter": str(root.name), "metadata_fixes": fixes,
+                                   "questions": PROBE_QUESTIONS,
                                    "files": [asdict(f) for f in files]})
     _write_gguf_card(out, merged_dir, result)
     log.info(result.summary())
@@ -259,16 +265,21 @@ def quantize(src: Path, dst: Path, quant: str, llama_cpp) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = max(1, (os.cpu_count() or 1))
-    # llama.cpp prints one line per tensor through this logger; tensor_types() reports what matters.
-    llama_log = logging.getLogger("llama-cpp-python")
-    level = llama_log.level
-    llama_log.setLevel(logging.ERROR)
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_log.setLevel(level)
+    # llama.cpp writes a line per tensor to stderr (file descriptor 2, below Python): keep it aside, show it
+    # on failure. tensor_types() and k_quant_note() report what matters.
+    with tempfile.TemporaryFile() as log_file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log_file.seek(0)
+        output = log_file.read().decode("utf-8", errors="replace")
     if rc != 0 or not dst.is_file():
-        raise ReleaseCheckFailed(f"llama_model_quantize to {quant} failed (return code {rc})")
+        raise ReleaseCheckFailed(f"llama_model_quantize to {quant} failed (return code {rc}):\n{output[-2000:]}")
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -306,62 +317,88 @@ def _turn_end(model_dir: Path) -> str:
 
 
 def _needs_sp_model(model_dir: Path) -> bool:
+    """llama.cpp's Gemma converters read tokenizer.model only; Llama-family ones fall back to tokenizer.json."""
     conf = read_json(model_dir / "config.json") or {}
-    return str(conf.get("model_type", "")).startswith("gemma") or (model_dir / "tokenizer.model").is_file()
+    return str(conf.get("model_type", "")).startswith("gemma")
 
 
-def _probe_prompt(model_dir: Path) -> tuple[list[int], str]:
+@dataclass
+class Probe:
+    """What each GGUF is checked with: chat prompts tokenized by the Hugging Face tokenizer, and its specials."""
+
+    prompts: list[tuple[str, list[int]]]
+    turn_end: str
+    specials: set[str]
+
+
+def probe_for(model_dir: Path) -> Probe:
     from transformers import AutoTokenizer
 
-    from ..chat import build_messages, render_prompt
+    from ..chat import build_messages, control_strings, render_prompt, turn_end
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt = render_prompt(tok, build_messages(PROBE_PROMPT))
-    return tok(prompt, add_special_tokens=False)["input_ids"], prompt
+    rendered = [render_prompt(tok, build_messages(q)) for q in PROBE_QUESTIONS]
+    return Probe([(p, tok(p, add_special_tokens=False)["input_ids"]) for p in rendered], turn_end(tok),
+                 set(control_strings(tok)))
 
 
-def verify_gguf(path: Path, turn_end: str, prompt: str, prompt_ids: list[int], max_new_tokens: int = 256
-                ) -> dict[str, Any]:
-    """Load in llama-cpp-python; check end-of-turn, end-of-generation tokens, tokenizer, and a greedy answer."""
+def verify_gguf(path: Path, probe: Probe, max_new_tokens: int = 512) -> dict[str, Any]:
+    """Load in llama-cpp-python; check end-of-turn, end-of-generation tokens, tokenizer, and greedy answers.
+
+    Answers are generated for the probe questions in turn until one ends by itself: one is enough to show the
+    file stops at the end of its turn (a small model may loop on another), and it keeps the check short."""
     llama_cpp = _llama_cpp()
     failures: list[str] = []
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + max_new_tokens + 8),
+    longest = max(len(ids) for _, ids in probe.prompts)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, longest + max_new_tokens + 8),
                           n_threads=max(1, os.cpu_count() or 1), seed=0, verbose=False)
     try:
         vocab = llm._model.vocab
         eot = llama_cpp.llama_vocab_eot(vocab)
         eot_text = _piece(llm, eot)
-        if eot_text != turn_end:
-            failures.append(f"end-of-turn token is {eot_text!r} (id {eot}), expected {turn_end!r}")
+        if eot_text != probe.turn_end:
+            failures.append(f"end-of-turn token is {eot_text!r} (id {eot}), expected {probe.turn_end!r}")
         eog = {i: _piece(llm, i) for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
-        allowed = {turn_end, _piece(llm, llm.token_eos())}
-        stray = {i: t for i, t in eog.items() if t not in allowed}
+        stray = {i: t for i, t in eog.items() if t not in probe.specials}
         if stray:
-            failures.append(f"ordinary tokens end generation: {stray}")
-        ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        if ids != prompt_ids:
-            failures.append(f"llama.cpp tokenizes the chat prompt differently from the Hugging Face tokenizer "
-                            f"({len(ids)} vs {len(prompt_ids)} tokens)")
-        new: list[int] = []
-        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                  reset=True):
-            new.append(token)
-            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) >= max_new_tokens:
+            failures.append(f"ordinary (non-special) tokens end generation: {stray}")
+        mismatched = [n for n, (text, ids) in enumerate(probe.prompts)
+                      if llm.tokenize(text.encode(), add_bos=False, special=True) != ids]
+        if mismatched:
+            failures.append(f"llama.cpp tokenizes {len(mismatched)} of {len(probe.prompts)} chat prompts "
+                            f"differently from the Hugging Face tokenizer")
+        answers = []
+        for _, ids in probe.prompts:
+            answers.append(_greedy_answer(llm, llama_cpp, ids, max_new_tokens))
+            if answers[-1]["stopped_on"] is not None:
                 break
-        stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
-        stopped_on = _piece(llm, new[-1]) if stopped else None
-        if not stopped:
-            failures.append(f"the answer did not end within {max_new_tokens} tokens")
-        elif stopped_on != turn_end:
-            failures.append(f"the answer ended on {stopped_on!r}, not {turn_end!r}")
-        answer = llm.detokenize(new[:-1] if stopped else new).decode("utf-8", errors="replace")
+        wrong = [a["stopped_on"] for a in answers if a["stopped_on"] not in (None, probe.turn_end)]
+        if wrong:
+            failures.append(f"answers ended on {wrong}, not {probe.turn_end!r}")
+        elif answers[-1]["stopped_on"] is None:
+            failures.append(f"none of {len(answers)} greedy answers ended within {max_new_tokens} tokens")
+        last = answers[-1]
         return {"passed": not failures, "failures": failures, "eot_token": eot_text, "eot_id": eot,
                 "metadata_eot_id": _int_or_none(llm.metadata.get("tokenizer.ggml.eot_token_id")),
-                "end_of_generation_tokens": sorted(eog.values()), "tokenizer_matches": ids == prompt_ids,
+                "end_of_generation_tokens": sorted(eog.values()), "tokenizer_matches": not mismatched,
                 "chat_template_in_metadata": "tokenizer.chat_template" in llm.metadata,
-                "new_tokens": len(new), "stopped_on": stopped_on, "answer": answer}
+                "answers_tried": len(answers), "new_tokens": last["new_tokens"], "stopped_on": last["stopped_on"],
+                "answers": answers}
     finally:
         llm.close()
+
+
+def _greedy_answer(llm, llama_cpp, prompt_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+    vocab = llm._model.vocab
+    new: list[int] = []
+    for token in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                              reset=True):
+        new.append(token)
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(new) >= max_new_tokens:
+            break
+    stopped = bool(new) and llama_cpp.llama_vocab_is_eog(vocab, new[-1])
+    return {"new_tokens": len(new), "stopped_on": _piece(llm, new[-1]) if stopped else None,
+            "answer": llm.detokenize(new[:-1] if stopped else new).decode("utf-8", errors="replace")}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -411,7 +448,7 @@ def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
         v = f.verification
         types = ", ".join(f"{t} x{n}" for t, n in sorted(f.tensor_types.items()))
         rows.append(f"| `{f.name}` | {human_bytes(f.bytes)} | {types} | `{v.get('eot_token')}` | "
-                    f"`{v.get('stopped_on')}` after {v.get('new_tokens')} tokens | "
+                    f"`{v.get('stopped_on')}` after {v.get('new_tokens')} tokens (question {v.get('answers_tried', 1)}) | "
                     f"{'passed' if f.passed else 'FAILED'} |")
     notes = [f"- {f.name}: {f.note}" for f in result.files if f.note]
     notes += [f"- metadata fixed after conversion: {x}" for x in result.metadata_fixes]
@@ -420,11 +457,12 @@ def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
         (f"Converted from the merged bf16 model (parity with base + adapter: "
         f"{'passed' if card.get('passed') else 'see the merged release'}) with llama.cpp's `convert_hf_to_gguf.py`, "
         f"quantized with llama.cpp's quantizer. Each file was loaded in llama-cpp-python: end-of-turn token, "
-        f"tokens that end generation, tokenization of a chat prompt against the Hugging Face tokenizer, and a "
-        f"greedy answer that must end by itself."), "", *rows, *([""] + notes if notes else []), "",
+        f"tokens that end generation, tokenization of chat prompts against the Hugging Face tokenizer, and a "
+        f"greedy answer that must end by itself (probe questions tried in turn until one does; "
+        f"`{VERIFY_FILE}` has the answers)."), "", *rows, *([""] + notes if notes else []), "",
         f"Details in `{VERIFY_FILE}`. The `Modelfile` stops on the end-of-turn token.",
     ])
-    summary = (f"GGUF files of `{run.cfg.base_model}` with a LoRA adapter merged in, for llama.cpp, Ollama and "
+    summary = (f"GGUF files of `{run.base_id}` with a LoRA adapter merged in, for llama.cpp, Ollama and "
                f"LM Studio.")
     write_card(out, "gguf", run, summary, license=_card_value(merged_dir, "license"),
                dataset=(_card_value(merged_dir, "datasets") or [None])[0], extra_sections=[section])
@@ -434,7 +472,7 @@ def locate_run_for_merged(merged_dir: Path):
     """The run a merged folder came from: its release/ parent's run, else its training_config.yaml."""
     for candidate in (merged_dir.parent.parent, merged_dir.parent):
         if (candidate / "adapter" / "adapter_config.json").is_file():
-            return locate_run(candidate)
+            return locate_run(candidate, _card_value(merged_dir, "base_model"))
     raise ConfigError(f"cannot find the training run of {merged_dir}: expected it at RUN/release/merged")
 
 

@@ -46,10 +46,10 @@ EVAL_ROWS = [
 ]
 
 
-def license_for(cfg: TrainConfig, explicit: str | None = None) -> str | None:
+def license_for(base: str, explicit: str | None = None) -> str | None:
     if explicit:
         return explicit
-    return next((lic for prefix, lic in KNOWN_LICENSES.items() if cfg.base_model.startswith(prefix)), None)
+    return next((lic for prefix, lic in KNOWN_LICENSES.items() if base.startswith(prefix)), None)
 
 
 def dataset_id(cfg: TrainConfig, explicit: str | None = None) -> str | None:
@@ -63,12 +63,12 @@ def is_psychology(cfg: TrainConfig) -> bool:
     return cfg.dataset == "sample" or "psych" in cfg.dataset.lower()
 
 
-def metadata(cfg: TrainConfig, kind: str, license: str | None, dataset: str | None) -> dict[str, Any]:
+def metadata(cfg: TrainConfig, base: str, kind: str, license: str | None, dataset: str | None) -> dict[str, Any]:
     tags = list(TAGS) + (PSYCHOLOGY_TAGS if is_psychology(cfg) else [])
     if kind == "gguf":
         tags += ["gguf", "llama.cpp", "ollama"]
     meta: dict[str, Any] = {
-        "base_model": cfg.base_model,
+        "base_model": base,
         "library_name": LIBRARY[kind],
         "license": license,
         "datasets": [dataset] if dataset else None,
@@ -119,7 +119,8 @@ def validate_card(path: Path, kind: str) -> tuple[list[str], list[str], dict[str
         errors.append(f"{path.name}: no '{SAFETY_HEADING}' section")
     base = data.get("base_model")
     if isinstance(base, str) and not is_hub_id(base):
-        warnings.append(f"base_model {base!r} is not a Hub model id: the Hub will not link the base model")
+        warnings.append(f"base_model {base!r} is not a Hub model id: pass base_model_id= (--base-model-id) so "
+                        f"the Hub links the base model")
     if not data.get("datasets"):
         warnings.append("no 'datasets' in the metadata (local training data): pass dataset_id= (--dataset-id) "
                         "with the data's Hub id to link it")
@@ -149,12 +150,12 @@ def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, i
     return "\n".join(lines)
 
 
-def method_section(cfg: TrainConfig) -> str:
+def method_section(cfg: TrainConfig, base: str) -> str:
     quant = {"4bit": "4-bit NF4 with double quantization (QLoRA)", "8bit": "8-bit (LLM.int8)",
              "none": "unquantized"}[cfg.quantization]
     return "\n".join([
         "## Method", "",
-        (f"Supervised fine-tuning with LoRA adapters on every linear projection of `{cfg.base_model}`, whose "
+        (f"Supervised fine-tuning with LoRA adapters on every linear projection of `{base}`, whose "
         f"frozen weights were loaded {quant}; compute in {cfg.dtype}. Each example is the question rendered with "
         f"the model's chat template; the loss covers only the answer and its end-of-turn token, never the "
         f"prompt. Trained with TRL's SFTTrainer by fine-tune-llm (preset `{cfg.preset}`)."),
@@ -236,11 +237,11 @@ def evaluation_section(run: RunFiles) -> str:
     return "\n".join(lines)
 
 
-def limitations_section(cfg: TrainConfig) -> str:
+def limitations_section(base: str) -> str:
     return "\n".join([
         "## Limitations", "",
         ("- The adapter changes tone and style more than knowledge: facts, reasoning and the base model's biases "
-        f"are those of `{cfg.base_model}`."),
+        f"are those of `{base}`."),
         ("- The training answers were written for single questions, in English; multi-turn conversations and "
         "other languages were not trained or evaluated."),
         ("- The evaluation is automatic (likelihoods and a preference between two answers), not a clinical or "
@@ -249,8 +250,7 @@ def limitations_section(cfg: TrainConfig) -> str:
     ])
 
 
-def usage_section(kind: str, cfg: TrainConfig, extra: str = "") -> str:
-    base = cfg.base_model
+def usage_section(kind: str, base: str, extra: str = "") -> str:
     if kind == "adapter":
         code = ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                 'model = AutoPeftModelForCausalLM.from_pretrained("REPO_ID", dtype="bfloat16")',
@@ -261,7 +261,7 @@ def usage_section(kind: str, cfg: TrainConfig, extra: str = "") -> str:
                 ("out = model.generate(**inputs, max_new_tokens=200)  # generation_config.json stops at "
                 "<end_of_turn>"),
                 "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))", "```"]
-        note = f"The adapter loads on top of `{base}` (downloaded automatically)."
+        note = f"The adapter loads on top of `{base}`" + (" (downloaded automatically)." if is_hub_id(base) else ".")
     elif kind == "merged":
         code = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 'model = AutoModelForCausalLM.from_pretrained("REPO_ID", dtype="bfloat16")',
@@ -290,12 +290,12 @@ def split_sizes(cfg: TrainConfig) -> dict[str, int] | None:
 def build_body(kind: str, run: RunFiles, title: str, summary: str, dataset: str | None,
                sizes: dict[str, int] | None, extra_sections: list[str] = (), usage_extra: str = "") -> str:
     cfg = run.cfg
-    sections = [f"# {title}", "", summary, "", usage_section(kind, cfg, usage_extra), "",
-                data_section(cfg, dataset, sizes), "", method_section(cfg), "", hyperparameter_section(cfg, run), "",
-                evaluation_section(run)]
+    sections = [f"# {title}", "", summary, "", usage_section(kind, run.base_id, usage_extra), "",
+                data_section(cfg, dataset, sizes), "", method_section(cfg, run.base_id), "",
+                hyperparameter_section(cfg, run), "", evaluation_section(run)]
     for s in extra_sections:
         sections += ["", s]
-    sections += ["", limitations_section(cfg), "", SAFETY_HEADING, "", SAFETY_NOTE]
+    sections += ["", limitations_section(run.base_id), "", SAFETY_HEADING, "", SAFETY_NOTE]
     return "\n".join(sections)
 
 
@@ -304,16 +304,16 @@ def write_card(folder: Path, kind: str, run: RunFiles, summary: str, license: st
                sizes: dict[str, int] | None = None) -> Path:
     from ..errors import ConfigError
 
-    lic = license_for(run.cfg, license)
+    lic = license_for(run.base_id, license)
     if lic is None:
-        raise ConfigError(f"no known licence for base model {run.cfg.base_model!r}: pass license= (--license) with "
+        raise ConfigError(f"no known licence for base model {run.base_id!r}: pass license= (--license) with "
                           f"its Hub licence id (e.g. apache-2.0, gemma, llama3)")
     ds = dataset_id(run.cfg, dataset)
     title = {"adapter": "LoRA adapter", "merged": "Merged model", "gguf": "GGUF"}[kind]
-    title = f"{run.cfg.base_model.split('/')[-1]} {title}: {run.cfg.run_name}"
+    title = f"{run.base_id.split('/')[-1]} {title}: {run.cfg.run_name}"
     body = build_body(kind, run, title, summary, ds, sizes, extra_sections, usage_extra)
     path = folder / "README.md"
-    path.write_text(render_card(metadata(run.cfg, kind, lic, ds), body), encoding="utf-8")
+    path.write_text(render_card(metadata(run.cfg, run.base_id, kind, lic, ds), body), encoding="utf-8")
     return path
 
 

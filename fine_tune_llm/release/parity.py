@@ -16,13 +16,13 @@ from ..chat import build_messages, encode_batch, render_prompt
 from ..config import TrainConfig
 from ..data import load_splits
 
-# Stated tolerances. bf16 keeps 8 significant bits, so rounding merged weights moves each by up to 2^-9
-# relative; through a network that shows up as logit differences of a few hundredths. Merging into the 4-bit
-# weights instead re-quantizes W + BA to NF4, whose steps are ~100x coarser than the LoRA update itself.
-LOGIT_ATOL = 0.25  # largest |logit difference| at any prompt position and vocabulary entry
+# Stated tolerances, set from measurements (tiny preset and SmolLM2-135M; numbers in the release tests).
+# Merges into bf16 or dequantized NF4 weights moved the logits by 0.2-4% of the adapter's own effect on them;
+# PEFT's merge into the 4-bit weights by 10% (tiny) to 100% (SmolLM2: the adapter's effect gone, eval loss
+# worse than without it). Logits vary in scale between models, so the main test is relative.
+EFFECT_RTOL = 0.05  # mean |logit difference| / mean |logit change the adapter makes|
 LOSS_ATOL = 0.01  # |eval loss difference| in nats per answer token
-# At most this fraction of the adapter's own effect on the logits may be lost or distorted by merging.
-EFFECT_RTOL = 0.1
+LOGIT_ATOL = 1.0  # largest |logit difference| anywhere: catches one broken layer that averages would hide
 
 
 @dataclass
