@@ -89,11 +89,11 @@ class TrainConfig:
     # Where the loss's LM head runs. "answer-logits": only at trained (answer) positions, chunked fp32
     # cross-entropy (fast_loss.py); "trl": TRL's fused head; "auto": TRL's where it runs in Triton (CUDA/XPU,
     # already answer-only there), answer-logits elsewhere. On CPU TRL's head scores every position and adds
-    # full-vocabulary entropy: answer-logits made steps 3.8x faster, same loss (benchmarks/train_throughput.py).
+    # full-vocabulary entropy: answer-logits made steps 3.7x faster, same loss (benchmarks/train_throughput.py).
     loss_impl: str = "auto"
     # peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings = the tied LM
     # head, norms) to fp32, so each step re-casts them to bf16: false keeps them in bf16 (bf16 compute only;
-    # fp16 keeps the upcast for range). Measured on CPU: 1.19x faster, 0.54 GB less peak memory, same loss.
+    # fp16 keeps the upcast for range). Measured on CPU: 1.1-1.2x faster, 0.55 GB less peak memory, same loss.
     upcast_frozen: bool = False
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------------

@@ -5,7 +5,7 @@ about 21% of gemma-2b's forward pass and most of a small model's. Only answer po
 completion mask), yet TRL's SFTTrainer (1.16) restricts its fused LM head to them only where Triton runs (CUDA,
 XPU). Elsewhere it projects every position, also computes the entropy and top-1 of each full distribution for
 its logs, and runs its backward as fp32 matmuls: on CPU that head was the largest cost of a step, and
-replacing it made steps 3.8x faster with the same loss (benchmarks/train_throughput.py, tests/test_packing.py). Here the model's own forward is asked for logits at the trained positions only
+replacing it made steps 3.7x faster with the same loss (benchmarks/train_throughput.py, tests/test_packing.py). Here the model's own forward is asked for logits at the trained positions only
 (`logits_to_keep` with a boolean mask, a transformers API, so model-specific logit scaling and softcapping still
 apply) and the cross-entropy runs over them in fp32, one chunk of rows at a time, its gradient computed in the
 same pass.

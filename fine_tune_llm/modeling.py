@@ -215,7 +215,7 @@ def keep_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Undo prepare_model_for_kbit_training's fp32 upcast of the frozen float weights (bf16 -> fp32 -> bf16 is
     exact). Those weights are the embeddings (Gemma's tied LM head: 256k x hidden) and the norms; in fp32 each
     step casts them back to bf16 for bf16 matmuls, and they hold twice the memory (gemma-2b-it: 1 GB more).
-    Gemma's norms compute in fp32 internally either way. Training steps ran 1.19x faster with 0.54 GB less peak
+    Gemma's norms compute in fp32 internally either way. Training steps ran 1.1-1.2x faster with 0.55 GB less peak
     memory on CPU (benchmarks/train_throughput.py, row ours+fp32-frozen)."""
     n = 0
     for p in model.parameters():

@@ -114,7 +114,7 @@ class SFTTrainerWithGuard:
 
         from .fast_loss import AnswerOnlyLossMixin
 
-        # The answer-only loss (fast_loss.py, cfg.loss_impl) overrides TRL's compute_loss: 3.8x faster steps on
+        # The answer-only loss (fast_loss.py, cfg.loss_impl) overrides TRL's compute_loss: 3.7x faster steps on
         # CPU than TRL's fused head, same loss (benchmarks/train_throughput.py, tests/test_packing.py).
         bases = (AnswerOnlyLossMixin, SFTTrainer) if answer_only_loss else (SFTTrainer,)
 
