@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fine_tune_llm.manifest import cpu_name
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 REAL_DATA = SHARED / "data" / "psychology-dataset" / "psychology_dataset.parquet"
@@ -33,16 +35,6 @@ def machine() -> dict[str, str]:
     info["python"] = platform.python_version()
     info["load_avg_1m"] = f"{load_average():.1f}"
     return info
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> float:

@@ -9,7 +9,6 @@ matches what is on disk. Older complete checkpoints stay as fallbacks; the Train
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,23 +16,16 @@ import re
 from pathlib import Path
 
 from .errors import ConfigError
+from .manifest import sha256_file
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_marker(folder: Path) -> None:
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(MARKER)}
     tmp = folder / (MARKER + ".tmp")
     with open(tmp, "w") as fh:
@@ -64,7 +56,7 @@ def problem(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["size"]:
             return f"{name} has {path.stat().st_size} bytes, expected {want['size']}"
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

@@ -50,14 +50,14 @@ def git_state() -> dict[str, Any]:
 
 def lock_hash() -> str | None:
     lock = REPO / "poetry.lock"
-    return _sha256(lock) if lock.is_file() else None
+    return sha256_file(lock) if lock.is_file() else None
 
 
 def hardware() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": _cpu_name(), "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "cpu": cpu_name(), "cpu_count": _cpu_count(), "torch_threads": torch.get_num_threads(),
                             "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -65,7 +65,7 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -102,7 +102,7 @@ def revision(source: str, repo_type: str, gguf_file: str | None = None) -> str |
     """SHA-256 of a local file or directory, else the Hub commit hash, else None."""
     path = Path(source).expanduser()
     if path.is_file():
-        return _sha256(path)
+        return sha256_file(path)
     if path.is_dir():
         return _dir_hash(path, only=gguf_file)
     return _hub_commit(source, repo_type)
@@ -112,7 +112,7 @@ def _dir_hash(folder: Path, only: str | None = None) -> str:
     digest = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         if p.is_file() and (only is None or p.name == only or p.suffix != ".gguf"):
-            digest.update(f"{p.relative_to(folder)}\0{_sha256(p)}\n".encode())
+            digest.update(f"{p.relative_to(folder)}\0{sha256_file(p)}\n".encode())
     return digest.hexdigest()
 
 
@@ -134,7 +134,7 @@ def _hub_commit(repo_id: str, repo_type: str) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
