@@ -15,11 +15,15 @@ import pytest
 from fine_tune_llm.config import make_config
 from fine_tune_llm.release import check_folder
 from fine_tune_llm.release.gguf_export import (
+    GGUFFile,
+    default_system_prompt,
     export_gguf,
     fix_special_tokens,
     llama_cpp_tree,
+    modelfile_matches,
     read_special_tokens,
     render_ollama_prompt,
+    write_modelfile,
 )
 
 pytestmark = pytest.mark.slow
@@ -81,6 +85,21 @@ def test_modelfile_stops_at_end_of_turn_and_its_template_matches_the_chat_templa
     question = "How do I stop worrying?"
     hf = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
     assert "<bos>" + render_ollama_prompt(text, question) == hf  # llama.cpp adds <bos> itself
+    assert gguf.modelfile_matches_template is True
+
+
+def test_chatml_modelfile_carries_the_templates_default_system_prompt(tmp_path):
+    """SmolLM2's template adds a system message when there is none; Ollama's ChatML template would not."""
+    from conftest import SMOLLM_DIR, SMOLLM_GGUF, need
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(need(SMOLLM_DIR), gguf_file=SMOLLM_GGUF)
+    system = default_system_prompt(tok)
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    files = [GGUFFile("model-q8_0.gguf", "q8_0", 1, {}), GGUFFile("model-f16.gguf", "f16", 2, {})]
+    with_system = write_modelfile(tmp_path, files, "<|im_end|>", system)
+    assert 'PARAMETER stop "<|im_end|>"' in with_system.read_text() and modelfile_matches(with_system, tok)
+    assert modelfile_matches(write_modelfile(tmp_path, files, "<|im_end|>"), tok) is False
 
 
 def test_gguf_folder_check_and_card(gguf, tmp_path):

@@ -75,10 +75,11 @@ class GGUFResult:
     modelfile: Path
     converter: str
     metadata_fixes: list[str]
+    modelfile_matches_template: bool | None = None
 
     @property
     def passed(self) -> bool:
-        return all(f.passed for f in self.files)
+        return all(f.passed for f in self.files) and self.modelfile_matches_template is not False
 
     def summary(self) -> str:
         lines = [f"GGUF -> {self.folder} (converter: {self.converter})"]
@@ -92,6 +93,8 @@ class GGUFResult:
                          + (f" [{f.note}]" if f.note else ""))
         if self.metadata_fixes:
             lines.append("  metadata fixed: " + "; ".join(self.metadata_fixes))
+        if self.modelfile_matches_template is False:
+            lines.append("  FAILED: the Modelfile's TEMPLATE renders a prompt different from the chat template's")
         return "\n".join(lines)
 
 
@@ -99,6 +102,8 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
                 llama_cpp_dir: str | Path | None = None, cache_dir: str | Path | None = None, name: str = "model",
                 max_new_tokens: int = 512, overwrite: bool = False) -> GGUFResult:
     """f16 GGUF + quantized copies + Modelfile + card (default: next to the merged folder, in gguf/)."""
+    from transformers import AutoTokenizer
+
     from .merge import check_merged
 
     merged_dir = Path(merged_dir).expanduser()
@@ -124,9 +129,11 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
         types = tensor_types(path)
         files.append(GGUFFile(path.name, q, path.stat().st_size, types, k_quant_note(path, q),
                               verify_gguf(path, probe, max_new_tokens)))
-    modelfile = write_modelfile(out, files, turn_end)
-    result = GGUFResult(out, files, modelfile, str(root), fixes)
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    modelfile = write_modelfile(out, files, turn_end, default_system_prompt(tok))
+    result = GGUFResult(out, files, modelfile, str(root), fixes, modelfile_matches(modelfile, tok))
     write_json(out / VERIFY_FILE, {"converter": str(root.name), "metadata_fixes": fixes,
+                                   "modelfile_matches_chat_template": result.modelfile_matches_template,
                                    "questions": PROBE_QUESTIONS,
                                    "files": [asdict(f) for f in files]})
     _write_gguf_card(out, merged_dir, result)
@@ -412,7 +419,7 @@ def _piece(llm, token: int) -> str:
 # --- Modelfile, card, check ---------------------------------------------------------------------------------
 
 
-def write_modelfile(out: Path, files: list[GGUFFile], turn_end: str) -> Path:
+def write_modelfile(out: Path, files: list[GGUFFile], turn_end: str, system: str | None = None) -> Path:
     """Ollama Modelfile: FROM the smallest verified quantization, the chat template, and its stop tokens."""
     order = ["q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16"]
     chosen = min(files, key=lambda f: order.index(f.quant) if f.quant in order else len(order))
@@ -421,6 +428,8 @@ def write_modelfile(out: Path, files: list[GGUFFile], turn_end: str) -> Path:
              f"{', '.join(f.name for f in files if f is not chosen)}."), f"FROM ./{chosen.name}", ""]
     if template is not None:
         lines += [f'TEMPLATE """{template}"""', ""]
+        if system:  # the chat template's own default system prompt (SmolLM2's, for one)
+            lines += [f'SYSTEM """{system}"""', ""]
     else:
         lines += ["# No Ollama template is known for this chat format: Ollama reads the GGUF's chat template.", ""]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
@@ -429,13 +438,37 @@ def write_modelfile(out: Path, files: list[GGUFFile], turn_end: str) -> Path:
     return path
 
 
+def default_system_prompt(tokenizer) -> str | None:
+    """The system message a ChatML template adds by itself when the conversation has none."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    m = re.match(r"^(?:<s>|<\|endoftext\|>)?<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.DOTALL)
+    return m.group(1) if m else None
+
+
 def render_ollama_prompt(modelfile_text: str, user: str) -> str | None:
-    """What Ollama sends for one user turn without a system prompt (the template up to the answer)."""
+    """What Ollama sends for one user turn (the template up to the answer), with the Modelfile's SYSTEM."""
     m = re.search(r'TEMPLATE """(.*?)"""', modelfile_text, re.DOTALL)
     if not m:
         return None
-    text = re.sub(r"\{\{ if \.System \}\}.*?\{\{ end \}\}", "", m.group(1), flags=re.DOTALL)
+    system = re.search(r'^SYSTEM """(.*?)"""', modelfile_text, re.DOTALL | re.MULTILINE)
+    if system:
+        text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda b: b.group(1), m.group(1),
+                      flags=re.DOTALL).replace("{{ .System }}", system.group(1))
+    else:
+        text = re.sub(r"\{\{ if \.System \}\}.*?\{\{ end \}\}", "", m.group(1), flags=re.DOTALL)
     return text.split("{{ .Response }}")[0].replace("{{ .Prompt }}", user)
+
+
+def modelfile_matches(modelfile: Path, tokenizer) -> bool | None:
+    """Whether Ollama's prompt for one user turn equals the chat template's (None: no TEMPLATE written).
+    llama.cpp adds the BOS token itself, so the template's leading BOS is not part of the comparison."""
+    user = PROBE_QUESTIONS[0]
+    ollama = render_ollama_prompt(modelfile.read_text(), user)
+    if ollama is None:
+        return None
+    hf = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    return hf in (ollama, (tokenizer.bos_token or "") + ollama)
 
 
 def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
