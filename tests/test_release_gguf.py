@@ -16,12 +16,14 @@ from fine_tune_llm.config import make_config
 from fine_tune_llm.release import check_folder
 from fine_tune_llm.release.gguf_export import (
     GGUFFile,
-    default_system_prompt,
     export_gguf,
     fix_special_tokens,
     llama_cpp_tree,
-    modelfile_matches,
     read_special_tokens,
+)
+from fine_tune_llm.release.modelfile import (
+    default_system_prompt,
+    modelfile_matches,
     render_ollama_prompt,
     write_modelfile,
 )
