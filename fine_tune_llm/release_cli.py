@@ -36,6 +36,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--eval-rows", type=int, default=32, help="validation rows for the eval-loss comparison")
     m.add_argument("--logit-atol", type=float, default=None, help="max |logit difference| allowed")
     m.add_argument("--loss-atol", type=float, default=None, help="max |eval loss difference| allowed")
+    m.add_argument("--effect-rtol", type=float, default=None,
+                   help="max mean |logit difference| as a fraction of the adapter's own effect")
     _common(m)
     _card(m)
     g = sub.add_parser("gguf", help="GGUF f16 + quantized files, Ollama Modelfile, verified in llama-cpp-python")
@@ -78,7 +80,8 @@ def _adapter(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .release.merge import merge_adapter
 
-    tol = {k: v for k, v in (("logit_atol", args.logit_atol), ("loss_atol", args.loss_atol)) if v is not None}
+    tol = {k: v for k, v in (("logit_atol", args.logit_atol), ("loss_atol", args.loss_atol),
+                             ("effect_rtol", args.effect_rtol)) if v is not None}
     result = merge_adapter(args.run, args.out, mode=args.mode, n_prompts=args.prompts, n_eval=args.eval_rows,
                            overwrite=args.overwrite, **tol, **_card_kwargs(args))
     print(result.summary())
