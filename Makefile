@@ -11,7 +11,7 @@ export POETRY_VIRTUALENVS_IN_PROJECT := true
 GROUPS ?= dev,gguf
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install demo test test-fast lint gguf clean
+.PHONY: install demo test test-fast lint clean
 
 $(POETRY):
 	$(PYTHON) -m venv $(TOOLS)
