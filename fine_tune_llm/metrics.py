@@ -55,12 +55,13 @@ def read_csv(path: str | Path) -> Series:
         return [(float(w), int(s), float(v)) for w, s, v in reader]
 
 
-def export_scalars(run_dir: str | Path, metrics_dir: str | Path = "metrics") -> dict[str, Path]:
+def export_scalars(run_dir: str | Path, metrics_dir: str | Path = "metrics",
+                   scalars: dict[str, Series] | None = None) -> dict[str, Path]:
     """One CSV per scalar tag: metrics/<stem>_<run>.csv."""
     run_dir, metrics_dir = Path(run_dir), Path(metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for tag, rows in read_scalars(run_dir / "logs").items():
+    for tag, rows in (scalars if scalars is not None else read_scalars(run_dir / "logs")).items():
         stem = csv_stem(tag)
         path = metrics_dir / f"{stem}_{run_dir.name}.csv"
         write_csv(path, rows)
@@ -116,12 +117,13 @@ def _xy(series: Series) -> tuple[list[int], list[float]]:
     return [s for _, s, _ in series], [v for *_, v in series]
 
 
-def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str = "") -> Path | None:
+def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str = "",
+             scalars: dict[str, Series] | None = None) -> Path | None:
     """imgs/loss_<run>.png, titled with the run name and its base model (read from config.yaml if not given)."""
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    scalars = read_scalars(run_dir / "logs")
+    scalars = scalars if scalars is not None else read_scalars(run_dir / "logs")
     if "train/loss" not in scalars:
         return None
     base_model = base_model or base_model_of(run_dir)
@@ -135,8 +137,9 @@ def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str
 
 def export_run(run_dir: str | Path, metrics_dir: str | Path = "metrics", imgs_dir: str | Path = "imgs",
                base_model: str = "") -> dict[str, Any]:
-    written: dict[str, Any] = export_scalars(run_dir, metrics_dir)
-    plot = plot_run(run_dir, imgs_dir, base_model)
+    scalars = read_scalars(Path(run_dir) / "logs")  # read the event files once for both
+    written: dict[str, Any] = export_scalars(run_dir, metrics_dir, scalars)
+    plot = plot_run(run_dir, imgs_dir, base_model, scalars)
     if plot is not None:
         written["plot"] = plot
     return written

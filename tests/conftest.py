@@ -41,10 +41,23 @@ def gemma_tokenizer():
     return tok
 
 
+def tiny_config(root: Path, run: str = "run", **overrides):
+    """The tiny preset with its run directory, metrics and plots all under root (never in the repo)."""
+    from fine_tune_llm.config import make_config
+
+    return make_config("tiny", output_dir=str(root / run), metrics_dir=str(root / "metrics"),
+                       imgs_dir=str(root / "imgs"), **overrides)
+
+
+def train_tiny(root: Path, run: str = "run", **overrides):
+    """Train the tiny preset from scratch under root: (config, TrainResult)."""
+    from fine_tune_llm.training import train
+
+    cfg = tiny_config(root, run, **overrides)
+    return cfg, train(cfg, resume=False)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The tiny preset with every output under tmp_path."""
-    from fine_tune_llm.config import make_config
-
-    return make_config("tiny", output_dir=str(tmp_path / "run"), metrics_dir=str(tmp_path / "metrics"),
-                       imgs_dir=str(tmp_path / "imgs"))
+    return tiny_config(tmp_path)

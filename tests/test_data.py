@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from fine_tune_llm.data import SAMPLE_DATA, load_splits, normalize_question, read_rows, to_examples
 from tests.conftest import REAL_DATA, need
 

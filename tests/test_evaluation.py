@@ -16,6 +16,7 @@ from fine_tune_llm import scoring
 from fine_tune_llm.chat import build_messages, render_prompt
 from fine_tune_llm.config import make_config
 from fine_tune_llm.evaluation import eval_rows, generate_answers, load_for_eval
+from tests.conftest import train_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,12 +104,8 @@ def test_bootstrap_ci_covers_the_mean_and_narrows_with_more_data():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("evaluation")
-    cfg = make_config("tiny", output_dir=str(root / "runs" / "tiny-eval"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=8, logging_steps=4, eval_steps=8, save_steps=8)
-    train(cfg, resume=False)
+    cfg, _ = train_tiny(tmp_path_factory.mktemp("evaluation"), "runs/tiny-eval", max_steps=8, logging_steps=4,
+                        eval_steps=8, save_steps=8)
     return cfg
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fine_tune_llm import metrics
-from fine_tune_llm.config import make_config
+from tests.conftest import train_tiny
 
 # CSV stem -> the key the Trainer puts in log_history for the same number.
 LOGGED = {"train_loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
@@ -19,13 +19,8 @@ LOGGED = {"train_loss": "loss", "eval_loss": "eval_loss", "learning_rate": "lear
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One short tiny run; training itself exports the CSVs and the plot at the end."""
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("metrics")
-    cfg = make_config("tiny", output_dir=str(root / "runs" / "tiny-metrics"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=6, logging_steps=1, eval_steps=3, save_steps=6)
-    result = train(cfg, resume=False)
-    return cfg, result
+    return train_tiny(tmp_path_factory.mktemp("metrics"), "runs/tiny-metrics", max_steps=6, logging_steps=1,
+                      eval_steps=3, save_steps=6)
 
 
 def history(run_dir: Path) -> list[dict]:

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from fine_tune_llm.cli import main
-from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import EnvironmentNotReady, ReleaseCheckFailed
 from fine_tune_llm.release import check_folder, release_adapter
 from fine_tune_llm.release.push import plan_upload, push_folder
+from tests.conftest import train_tiny
 
 FAKE_TOKEN = "hf_PlantedFakeReleaseToken5Kq8Zr2Lw7Xv1Nb4"
 DATASET = "jkhedri/psychology-dataset"
@@ -22,12 +22,8 @@ DATASET = "jkhedri/psychology-dataset"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("release-adapter")
-    cfg = make_config("tiny", output_dir=str(root / "run"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=6, logging_steps=2, eval_steps=6, save_steps=6)
-    train(cfg, resume=False)
+    cfg, _ = train_tiny(tmp_path_factory.mktemp("release-adapter"), max_steps=6, logging_steps=2, eval_steps=6,
+                        save_steps=6)
     return Path(cfg.output_dir)
 
 

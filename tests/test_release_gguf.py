@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fine_tune_llm.config import make_config
 from fine_tune_llm.release import check_folder
 from fine_tune_llm.release.gguf_export import (
     GGUFFile,
@@ -27,6 +26,7 @@ from fine_tune_llm.release.modelfile import (
     render_ollama_prompt,
     write_modelfile,
 )
+from tests.conftest import train_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,8 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory) -> Path:
     from fine_tune_llm.release.merge import merge_adapter
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("release-gguf")
-    cfg = make_config("tiny", output_dir=str(root / "run"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=8, logging_steps=4, eval_steps=8, save_steps=8)
-    train(cfg, resume=False)
+    cfg, _ = train_tiny(tmp_path_factory.mktemp("release-gguf"), max_steps=8, logging_steps=4, eval_steps=8,
+                        save_steps=8)
     return merge_adapter(cfg.output_dir, n_prompts=2, n_eval=8).folder
 
 

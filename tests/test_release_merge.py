@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fine_tune_llm.cli import main
-from fine_tune_llm.config import make_config
 from fine_tune_llm.release.merge import (
     check_merged,
     measure_4bit_merge,
@@ -19,6 +18,7 @@ from fine_tune_llm.release.merge import (
     stochastic_round_bf16,
 )
 from fine_tune_llm.release.parity import EFFECT_RTOL, LOGIT_ATOL, LOSS_ATOL
+from tests.conftest import train_tiny
 
 # Two held-out prompts and eight validation answers: enough positions (~100) and answer tokens (~500) to
 # compare, few enough forward passes for 2 CPU cores.
@@ -27,12 +27,8 @@ PROBE = {"n_prompts": 2, "n_eval": 8}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("release-merge")
-    cfg = make_config("tiny", output_dir=str(root / "run"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=8, logging_steps=4, eval_steps=8, save_steps=8)
-    train(cfg, resume=False)
+    cfg, _ = train_tiny(tmp_path_factory.mktemp("release-merge"), max_steps=8, logging_steps=4, eval_steps=8,
+                        save_steps=8)
     return Path(cfg.output_dir)
 
 

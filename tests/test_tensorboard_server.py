@@ -14,17 +14,13 @@ from pathlib import Path
 import pytest
 
 from fine_tune_llm import metrics
-from fine_tune_llm.config import make_config
+from tests.conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from fine_tune_llm.training import train
-
-    root = tmp_path_factory.mktemp("tensorboard")
-    cfg = make_config("tiny", output_dir=str(root / "runs" / "tiny-tb"), metrics_dir=str(root / "metrics"),
-                      imgs_dir=str(root / "imgs"), max_steps=4, logging_steps=1, eval_steps=2, save_steps=4)
-    train(cfg, resume=False)
+    cfg, _ = train_tiny(tmp_path_factory.mktemp("tensorboard"), "runs/tiny-tb", max_steps=4, logging_steps=1,
+                        eval_steps=2, save_steps=4)
     return cfg
 
 

@@ -4,17 +4,12 @@ import pytest
 import torch
 
 from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
-from fine_tune_llm.training import train
+from tests.conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from fine_tune_llm.config import make_config
-
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = make_config("tiny", output_dir=str(tmp / "run"), metrics_dir=str(tmp / "metrics"),
-                      imgs_dir=str(tmp / "imgs"), max_steps=24, eval_steps=12, save_steps=12)
-    return cfg, train(cfg, resume=False)
+    return train_tiny(tmp_path_factory.mktemp("train"), max_steps=24, eval_steps=12, save_steps=12)
 
 
 def test_twenty_plus_qlora_steps_lower_the_training_loss(trained):
