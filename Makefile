@@ -2,35 +2,69 @@
 PYTHON ?= python3
 TOOLS := .tools
 POETRY := $(TOOLS)/bin/poetry
+VENV := .venv
 # Poetry's default PyPI client needs PyPI's per-version JSON API, which some mirrors do not serve;
 # poetry-plugin-pypi-mirror points Poetry at pip's own configured index instead (read here, never committed).
-export POETRY_PYPI_MIRROR_URL ?= $(shell $(PYTHON) -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')
+ifeq ($(origin POETRY_PYPI_MIRROR_URL),undefined)
+POETRY_PYPI_MIRROR_URL := $(shell $(PYTHON) -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')
+endif
+export POETRY_PYPI_MIRROR_URL
 export POETRY_VIRTUALENVS_IN_PROJECT := true
-# `gguf` holds llama-cpp-python (GGUF quantization and checks); it compiles for ~6 minutes. GGML_NATIVE=OFF: the
-# native build used an AMX instruction that crashed (illegal instruction) on q8_0/q4_k_m files on some CPUs.
-GROUPS ?= dev,gguf
+# GGML_NATIVE=OFF for the `gguf` group's llama-cpp-python build: the native build used an AMX instruction that
+# crashed (illegal instruction) on q8_0/q4_k_m files on some CPUs.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install demo test test-fast lint clean
+# Dependency groups: main (the package: training, evaluation, notebooks), dev (pytest, ruff, notebook runners),
+# gguf (llama-cpp-python for `fine-tune-llm release gguf`; it compiles for ~6 minutes). Each group is installed
+# once, then again only when pyproject.toml, poetry.lock or Poetry itself changed: a stamp file per group under
+# .venv/. With the stamps fresh, demo/test/lint run without Poetry and without the network.
+# `make install` installs main plus GROUPS (e.g. `make install GROUPS=dev,gguf`).
+GROUPS ?=
+STAMP := $(VENV)/.installed
+comma := ,
+group_stamps = $(STAMP)-main $(foreach g,$(subst $(comma), ,$(1)),$(STAMP)-$(g))
+
+.PHONY: install install-dev install-gguf demo test test-fast lint lock clean
+# One Poetry at a time: the group installs share one virtualenv.
+.NOTPARALLEL:
 
 $(POETRY):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet "poetry>=2.1,<2.6" "poetry-plugin-pypi-mirror>=0.6"
 
-install: $(POETRY)
-	$(POETRY) install --compile --with $(GROUPS)
+$(STAMP)-main: pyproject.toml poetry.lock $(POETRY)
+	$(POETRY) install --compile --only main
+	@touch $@
 
-demo: install
-	$(POETRY) run fine-tune-llm demo
+# Another group: installed with main (so the main stamp is refreshed too).
+$(STAMP)-%: pyproject.toml poetry.lock $(POETRY)
+	$(POETRY) install --compile --only main,$*
+	@touch $@ $(STAMP)-main
 
-test: install
-	$(POETRY) run pytest
+install: $(call group_stamps,$(GROUPS))
 
-test-fast: install
-	$(POETRY) run pytest -m "not slow"
+install-dev: $(call group_stamps,dev)
 
-lint: install
-	$(POETRY) run ruff check fine_tune_llm tests benchmarks
+install-gguf: $(call group_stamps,gguf)
+
+demo: $(STAMP)-main
+	$(VENV)/bin/fine-tune-llm demo
+
+# CI (.ci/run) runs exactly `make test`: lint first (seconds), then the whole suite.
+# PYTEST_ARGS narrows it while developing, e.g. `make test PYTEST_ARGS=tests/test_lock.py`.
+PYTEST_ARGS ?=
+test: lint $(call group_stamps,dev gguf)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: lint $(call group_stamps,dev gguf)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)-dev
+	$(VENV)/bin/ruff check fine_tune_llm tests benchmarks
+
+# Re-resolve poetry.lock after editing pyproject.toml (keeps locked versions where it can).
+lock: $(POETRY)
+	$(POETRY) lock
 
 clean:
 	rm -rf runs .pytest_cache

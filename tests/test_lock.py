@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import collections
 import platform
-import tomllib
 from pathlib import Path
 
 import pytest
 from packaging.markers import Marker, default_environment
 from packaging.specifiers import SpecifierSet
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is pytest's own dependency there
+    import tomli as tomllib
 
 LOCK = Path(__file__).resolve().parent.parent / "poetry.lock"
 
