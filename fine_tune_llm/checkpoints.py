@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from .errors import ConfigError
-from .manifest import sha256_file
+from .files import sha256_file
+from .run import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
-_STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
 def write_marker(folder: Path) -> None:
@@ -66,17 +65,12 @@ def is_complete(folder: Path) -> bool:
 
 
 def step_of(folder: Path) -> int | None:
-    m = _STEP.match(Path(folder).name)
+    m = CHECKPOINT.match(Path(folder).name)
     return int(m.group(1)) if m else None
 
 
-def checkpoints_newest_first(run_dir: Path) -> list[Path]:
-    found = [(step_of(p), p) for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and step_of(p) is not None]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def last_good_checkpoint(run_dir: Path) -> Path | None:
-    for folder in checkpoints_newest_first(run_dir):
+def last_good_checkpoint(run: RunDir | str | Path) -> Path | None:
+    for folder in RunDir.of(run).checkpoints():
         why = problem(folder)
         if why is None:
             return folder
@@ -89,7 +83,7 @@ RESUMABLE_CHANGES = {"output_dir", "metrics_dir", "imgs_dir", "max_steps", "num_
                      "eval_steps", "save_steps", "save_total_limit"}
 
 
-def resume_point(run_dir: Path, resume: bool | str | None, cfg=None) -> str | None:
+def resume_point(run: RunDir | str | Path, resume: bool | str | None, cfg=None) -> str | None:
     """None: resume if a good checkpoint exists; True: must resume; False: start fresh; str: that checkpoint."""
     if resume is False:
         return None
@@ -99,64 +93,32 @@ def resume_point(run_dir: Path, resume: bool | str | None, cfg=None) -> str | No
             raise ConfigError(f"--resume {resume}: cannot resume from it: {why}")
         good: Path | None = Path(resume)
     else:
-        good = last_good_checkpoint(run_dir)
+        good = last_good_checkpoint(run)
         if good is None and resume is True:
-            raise ConfigError(f"--resume: no complete checkpoint in {run_dir}")
+            raise ConfigError(f"--resume: no complete checkpoint in {run}")
     if good is None:
         return None
     if cfg is not None:
-        check_same_config(run_dir, cfg)
+        check_same_config(run, cfg)
     log.info("resuming from %s", good)
     return str(good)
 
 
-def check_same_config(run_dir: Path, cfg) -> None:
+def check_same_config(run: RunDir | str | Path, cfg) -> None:
     """A checkpoint continues the run that made it: a changed learning rate or batch size would silently
     splice two different runs into one curve."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return
-    before = yaml.safe_load(path.read_text()) or {}
+    run = RunDir.of(run)
+    before = run.read_config_values()
     now = cfg.to_dict()
     changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES)
     if changed:
         detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
-        raise ConfigError(f"{run_dir} holds checkpoints of a run with other options ({detail}). Pass --no-resume "
+        raise ConfigError(f"{run} holds checkpoints of a run with other options ({detail}). Pass --no-resume "
                           f"to start over there, or choose another --output-dir.")
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def make_callback():
-    from transformers import TrainerCallback
-
-    class CompletionMarker(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            # A folder for this step already on disk comes from an attempt that died after it: its marker
-            # must not vouch for the files this run is about to write over it.
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                invalidate(folder)
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            # Every rank writes its own rng_state_<rank>.pth: wait for all of them before vouching.
-            _barrier()
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    write_marker(folder)
-            return control
-
-    return CompletionMarker()
-
-
-def CompletionMarker():
-    return make_callback()

@@ -1,106 +1,105 @@
-"""`fine-tune-llm` command line: train, demo, export-metrics (evaluate and release register themselves)."""
+"""`fine-tune-llm`: train, demo, evaluate, release, export-metrics.
+
+Start-up imports no ML library: each command imports what it needs when it runs (TRL alone takes ~18 s cold).
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
-from .config import PRESETS, TrainConfig, make_config
+from . import evaluation_cli, release_cli
+from .config import PRESETS, TrainConfig, add_config_arguments, field_names, make_config
 from .errors import FineTuneError
 
 log = logging.getLogger("fine_tune_llm")
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
-def command(name: str, add_args: Callable[[argparse.ArgumentParser], None]):
-    """Register a subcommand: modules add theirs without this file knowing them."""
-    def wrap(fn):
-        COMMANDS[name] = (add_args, fn)
-        return fn
-    return wrap
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="gemma-2b-it", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="YAML file of option: value, applied over the preset")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name != "preset":
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
-                           help=argparse.SUPPRESS)
-    p.epilog = "Every config option is a flag too, e.g. --learning-rate 1e-4 --data-samples 200."
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "preset" and getattr(args, f.name, None) is not None}
-    return make_config(args.preset, args.config, **overrides)
-
-
-def _train_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="gemma-2b-it", choices=list(PRESETS),
+                   help="starting values: gemma-2b-it (CUDA GPU), smollm2-135m (a real small model on CPU), tiny "
+                        "(offline, seconds)")
+    p.add_argument("--config", help="YAML file of option: value, applied over the preset (flags win over it)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                    help="continue from the last complete checkpoint (default: automatic when one exists)")
     g.add_argument("--no-resume", dest="resume", action="store_const", const=False, help="start fresh")
+    add_config_arguments(p.add_argument_group("training options (each overrides the preset and --config)"))
 
 
-@command("train", _train_args)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {name: getattr(args, name) for name in field_names() if name != "preset" and hasattr(args, name)}
+    return make_config(args.preset, args.config, **overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune with QLoRA: data -> 4-bit model + LoRA -> adapter, logs, metrics in the run directory."""
     from .training import is_main_process, train
 
     cfg = config_from_args(args)
     t0 = time.time()
     result = train(cfg, resume=args.resume)
     if is_main_process():  # under `accelerate launch`, one report, not one per process
-        report_training(result, time.time() - t0)
+        print(training_summary(result, time.time() - t0))
     return 130 if result.interrupted else 0
 
 
-@command("demo", lambda p: (p.add_argument("--output-dir", default="runs/tiny-demo"),
-                            p.add_argument("--max-steps", type=int, default=None)))
+def demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", default="runs/tiny-demo", help="the demo's run directory (replaced each time)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the tiny preset's)")
+    p.add_argument("--metrics-dir", default="metrics", help="where the curves' CSVs go")
+    p.add_argument("--imgs-dir", default="imgs", help="where the loss plot goes")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded default: the tiny Gemma, 4-bit, on the shipped sample data, offline, on CPU."""
+    """The whole job offline on CPU: tiny Gemma, 4-bit + LoRA, the shipped sample; train, export, evaluate."""
+    import shutil
+
+    from .evaluation import evaluate_run
+    from .run import RunDir
     from .training import train
 
-    overrides: dict[str, Any] = {"output_dir": args.output_dir}
-    if args.max_steps:
-        overrides["max_steps"] = args.max_steps
-    cfg = make_config("tiny", **overrides)
-    _clear_previous_demo(cfg.output_dir)
+    cfg = make_config("tiny", output_dir=args.output_dir, max_steps=args.max_steps, metrics_dir=args.metrics_dir,
+                      imgs_dir=args.imgs_dir)
+    run = RunDir.of(cfg.output_dir)
+    if run.exists():  # the demo always starts fresh: an old run's event files would mix into its curves
+        shutil.rmtree(run.path)
     t0 = time.time()
     result = train(cfg, resume=False)
-    report_training(result, time.time() - t0)
+    print(training_summary(result, time.time() - t0))
+    report = evaluate_run(run, split="test", n_generations=2, max_new_tokens=48, metrics_dir=cfg.metrics_dir)
+    print(evaluation_cli.summary(report))
+    print("\nwritten:")
+    for name, path in {"report": run.report_md, **result.exported, "adapter": run.adapter_dir}.items():
+        print(f"  {name:22s}{path}")
+    print(f"  {'tensorboard':22s}tensorboard --logdir {run.logs_dir}")
+    print(f"\ndone in {time.time() - t0:.0f} s")
     return 0
 
 
-def _clear_previous_demo(output_dir: str) -> None:
-    """The demo always starts fresh: an old run's event files would otherwise mix into its curves."""
-    import shutil
-    from pathlib import Path
-
-    run = Path(output_dir)
-    if (run / "config.yaml").is_file():
-        shutil.rmtree(run)
-
-
-def report_training(result, seconds: float) -> None:
+def training_summary(result, seconds: float) -> str:
     first = next((h["loss"] for h in result.log_history if "loss" in h), None)
-    print(f"\ntrained {result.global_step} steps in {seconds:.0f} s"
-          + (" (interrupted: checkpoint and adapter saved)" if result.interrupted else ""))
-    print(f"  train loss: {first:.4f} -> {result.train_loss:.4f}" if first is not None else "  train loss: n/a")
-    print(f"  eval loss:  {result.eval_loss:.4f}" if result.eval_loss is not None else "  eval loss: n/a")
-    print(f"  adapter:      {result.adapter_dir}")
-    print(f"  tensorboard:  tensorboard --logdir {result.run_dir / 'logs'}")
+    lines = [f"\ntrained {result.global_step} steps in {seconds:.0f} s"
+             + (" (interrupted: checkpoint and adapter saved)" if result.interrupted else "")]
+    lines.append(f"  train loss: {first:.4f} -> {result.train_loss:.4f}" if first is not None else "  train loss: n/a")
+    lines.append(f"  eval loss:  {result.eval_loss:.4f}" if result.eval_loss is not None else "  eval loss: n/a")
+    lines.append(f"  adapter:      {result.adapter_dir}")
+    lines.append(f"  tensorboard:  tensorboard --logdir {result.run.logs_dir}")
+    return "\n".join(lines)
 
 
-@command("export-metrics", lambda p: (p.add_argument("run_dir"), p.add_argument("--metrics-dir", default="metrics"),
-                                      p.add_argument("--imgs-dir", default="imgs")))
+def export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--metrics-dir", default="metrics")
+    p.add_argument("--imgs-dir", default="imgs")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    """TensorBoard curves -> metrics/*.csv, and the loss plot -> imgs/."""
     from .metrics import export_run
 
     for name, path in export_run(args.run_dir, args.metrics_dir, args.imgs_dir).items():
@@ -108,27 +107,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# name -> (arguments, what runs, one-line help)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": (train_args, cmd_train),
+    "demo": (demo_args, cmd_demo),
+    "evaluate": (evaluation_cli.add_args, evaluation_cli.run),
+    "release": (release_cli.add_args, release_cli.run),
+    "export-metrics": (export_args, cmd_export),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
-    parser = argparse.ArgumentParser(prog="fine-tune-llm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fine-tune-llm", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0] or None)
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        p = sub.add_parser(name, help=doc, description=doc)
         add_args(p)
         p.set_defaults(func=fn)
     return parser
-
-
-def _load_plugins() -> None:
-    import importlib
-
-    for module in ("evaluation_cli", "release_cli"):
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,6 +179,22 @@ def to_examples(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]
     return examples
 
 
+def check_pairs(examples: list[dict[str, Any]], source: str) -> None:
+    """A preference stage needs a rejected answer that is real text and differs from the chosen one."""
+    for ex in examples:
+        rejected = ex.get("rejected")
+        where = f"{source}: row {ex['row']}, column 'response_k'"
+        if rejected is None:
+            raise DataError(f"{source}: row {ex['row']} has no rejected answer: the preference stage needs pairs "
+                            f"(question, response_j, response_k); instruction rows (instruction, input, output) "
+                            f"train with the default SFT stage only")
+        if not rejected.strip():
+            raise DataError(f"{where}: the rejected answer is empty or whitespace")
+        if rejected.strip() == ex["answer"].strip():
+            raise DataError(f"{where}: the rejected answer is identical to the chosen one (response_j): the pair "
+                            f"teaches nothing; drop the row or fix it")
+
+
 def _is_blank(row: dict[str, Any]) -> bool:
     return all(v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
                for v in row.values())
@@ -216,11 +232,16 @@ def split_by_question(examples: list[dict[str, Any]], val_fraction: float, test_
     return splits
 
 
+def load_examples(source: str | Path) -> list[dict[str, Any]]:
+    """Every checked row of the source, in file order, each with its 1-based row number."""
+    src = resolve_source(str(source))
+    return to_examples(read_rows(src), src)
+
+
 def load_splits(source: str, seed: int, data_samples: int | None = None, val_fraction: float = 0.1,
                 test_fraction: float = 0.1) -> dict[str, list[dict[str, Any]]]:
     """Read, check, dedupe, shuffle with the seed, keep the first data_samples rows, split by question."""
-    src = resolve_source(source)
-    examples = drop_duplicates(to_examples(read_rows(src), src))
+    examples = drop_duplicates(load_examples(source))
     random.Random(seed).shuffle(examples)
     if data_samples is not None:
         examples = examples[:data_samples]

@@ -7,21 +7,17 @@ One model is loaded; the base numbers come from the same weights with the adapte
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .chat import build_messages, render_prompt
-from .config import TrainConfig, load_run_config
-from .data import load_splits
+from .config import TrainConfig
 from .errors import ConfigError, DataError
-from .modeling import guard_cpu_4bit, load_model, load_tokenizer
-from .scoring import language_metrics, model_device, preference_metrics, score_answers
+from .generation import generate_answers
+from .modeling import check_environment, guard_cpu_4bit, load_model, load_tokenizer
+from .run import RunDir
+from .scoring import language_metrics, preference_metrics, score_answers
 
 log = logging.getLogger(__name__)
 # Compared base vs tuned in report["deltas"] (tuned minus base).
@@ -54,50 +50,9 @@ def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype
     return model, tokenizer
 
 
-@torch.inference_mode()
-def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 128, do_sample: bool = False,
-                     seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
-                     progress: bool = True) -> list[dict[str, Any]]:
-    """Answer each question through the chat template; stop at <eos> or the end of the model's turn.
-
-    Batches are padded on the left so every prompt ends where generation starts. `seconds` is the batch's wall
-    time shared equally by its answers. Sampling reseeds first, so base and tuned draw the same random stream.
-    """
-    from tqdm.auto import tqdm
-    from transformers import set_seed
-
-    from .training import generation_config
-
-    gen = generation_config(tokenizer, getattr(model, "generation_config", None))
-    gen.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
-    if not do_sample:  # greedy: drop sampling knobs a base config may carry, so transformers does not warn
-        gen.update(temperature=None, top_p=None, top_k=None)
-    stop_ids = set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
-    prompts = [render_prompt(tokenizer, build_messages(q, system_prompt)) for q in questions]
-    if do_sample:
-        set_seed(seed)
-    device, out = model_device(model), []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress,
-                      leave=False):
-        t0 = time.perf_counter()
-        # The rendered prompt holds <bos> already.
-        enc = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
-                        padding_side="left", return_tensors="pt").to(device)
-        ids = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].tolist()
-        seconds = (time.perf_counter() - t0) / len(ids)
-        for question, new in zip(questions[start:start + batch_size], ids):
-            stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
-            kept = new if stop is None else new[:stop]
-            out.append({"question": question, "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                        "new_tokens": len(kept) + (stop is not None), "hit_max_tokens": stop is None,
-                        "stopped_on": None if stop is None else tokenizer.convert_ids_to_tokens(new[stop]),
-                        "seconds": round(seconds, 4)})
-    return out
-
-
-def eval_rows(cfg: TrainConfig, split: str = "test") -> list[dict[str, Any]]:
-    """The run's split, rebuilt from its config exactly as training built it (same source, seed, fractions)."""
-    splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
+def eval_rows(run: RunDir, split: str = "test") -> list[dict[str, Any]]:
+    """The run's saved split (splits.json), read back and checked against the data file."""
+    splits = run.load_splits()
     if split not in splits:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(splits)}")
     if split == "train":
@@ -105,8 +60,8 @@ def eval_rows(cfg: TrainConfig, split: str = "test") -> list[dict[str, Any]]:
     rows = splits[split]
     if not rows:
         option = {"test": "test_fraction", "validation": "val_fraction"}.get(split, "data_samples")
-        raise DataError(f"the {split} split of {cfg.dataset} is empty: raise {option} (now "
-                        f"{getattr(cfg, option)}) or evaluate another split")
+        raise DataError(f"the {split} split of {run} is empty: raise {option} when training, or evaluate "
+                        f"another split")
     return rows
 
 
@@ -155,17 +110,18 @@ def deltas(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
     return {k: tuned[k] - base[k] for k in METRIC_KEYS if k in base and k in tuned}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
+def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
                  progress: bool = True) -> dict[str, Any]:
     """Evaluate base vs tuned on the run's held-out split; write report.json, report.md and a runs.csv row."""
     from .report import append_runs_csv, build_report, write_report
 
     t0 = time.time()
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    rows = eval_rows(cfg, split)
-    model, tokenizer = load_for_eval(cfg, run_dir / "adapter", dtype=EVAL_DTYPE)
+    run = RunDir.of(run_dir)
+    cfg = run.read_config()
+    check_environment(cfg)
+    rows = eval_rows(run, split)
+    model, tokenizer = load_for_eval(cfg, run.adapter_dir, dtype=EVAL_DTYPE)
     with model.disable_adapter():
         base = score_model(model, tokenizer, cfg, rows, batch_size, label="base", seed=seed, progress=progress)
     tuned = score_model(model, tokenizer, cfg, rows, batch_size, label="tuned", seed=seed, progress=progress)
@@ -175,8 +131,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", batch_size: int = 8, 
     settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
                 "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
                 "sampling": _sampling_settings(model)}
-    report = build_report(run_dir, cfg, settings, base, tuned, deltas(base, tuned), generations, time.time() - t0)
-    write_report(run_dir, report)
+    report = build_report(run, cfg, settings, base, tuned, deltas(base, tuned), generations, time.time() - t0)
+    write_report(run, report)
     append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
     return report
 
@@ -188,7 +144,3 @@ SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
 def _sampling_settings(model) -> dict[str, Any]:
     gen = getattr(model, "generation_config", None)
     return {k: v if getattr(gen, k, None) is None else getattr(gen, k) for k, v in SAMPLING_DEFAULTS.items()}
-
-
-def load_report(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "report.json").read_text())

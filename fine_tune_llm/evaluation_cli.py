@@ -1,14 +1,12 @@
-"""`fine-tune-llm evaluate RUN_DIR`: base vs tuned on the held-out split (registered with cli.command)."""
+"""`fine-tune-llm evaluate RUN_DIR`: base vs tuned on the held-out split."""
 
 from __future__ import annotations
 
 import argparse
 
-from .cli import command
 
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a run directory made by `fine-tune-llm train` (config.yaml + adapter/)")
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory made by `fine-tune-llm train` (its config, saved splits and adapter/)")
     p.add_argument("--split", default="test", choices=["test", "validation", "train"],
                    help="held-out test split by default: never trained on, never used to pick a checkpoint")
     p.add_argument("--batch-size", type=int, default=8)
@@ -18,8 +16,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampled generations and the bootstrap")
 
 
-@command("evaluate", _eval_args)
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Perplexity, bits per byte, preference accuracy and generations, base vs tuned; writes report.json/.md."""
     from .evaluation import evaluate_run
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .files import sha256_file, write_json
+from .run import RunDir
 
 LIBRARIES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "tokenizers",
              "safetensors", "huggingface-hub"]
@@ -134,17 +136,9 @@ def _hub_commit(repo_id: str, repo_type: str) -> str | None:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(cfg: TrainConfig, run_dir: Path, **extra: Any) -> Path:
+def write_manifest(cfg: TrainConfig, run: RunDir | Path, **extra: Any) -> Path:
     """Write manifest.json; a resumed run keeps the first manifest and appends what changed in `resumes`."""
-    path = Path(run_dir) / "manifest.json"
+    path = RunDir.of(run).manifest_file
     manifest = build_manifest(cfg, **extra)
     if extra.get("resumed_from") and path.is_file():
         try:
@@ -156,7 +150,4 @@ def write_manifest(cfg: TrainConfig, run_dir: Path, **extra: Any) -> Path:
             resumes.append({k: manifest[k] for k in ("created", "command", "git", "libraries", "hardware",
                                                      "resumed_from")})
             manifest = {**manifest, "resumes": resumes, "created": first.get("created", manifest["created"])}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, manifest)

@@ -7,15 +7,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .run import RunDir
 
-# TensorBoard tag -> CSV stem for the curves people look for by name. The Trainer logs "train/loss",
-# "eval/loss", ...; every other scalar is exported too, as its tag with "/" turned into "_".
+# TensorBoard tag -> CSV stem: the curves a user compares between runs. One-off trainer totals (runtime, FLOPs,
+# tokens seen) stay in the run's trainer_state.json and TensorBoard; exporting them gave 17 CSVs per run.
 EXPORTS = {
     "train/loss": "train_loss",
     "eval/loss": "eval_loss",
     "train/learning_rate": "learning_rate",
     "train/grad_norm": "grad_norm",
+    "train/mean_token_accuracy": "train_token_accuracy",
+    "eval/mean_token_accuracy": "eval_token_accuracy",
+    # The preference stage: reward margin (beta x chosen-minus-rejected log-ratio) and how often it is positive.
+    "train/rewards/margins": "train_reward_margin",
+    "eval/rewards/margins": "eval_reward_margin",
+    "train/rewards/accuracies": "train_reward_accuracy",
+    "eval/rewards/accuracies": "eval_reward_accuracy",
 }
 CSV_HEADER = ["Wall time", "Step", "Value"]  # what TensorBoard's own "download CSV" writes
 
@@ -38,7 +45,7 @@ def read_scalars(log_dir: str | Path) -> dict[str, Series]:
 
 
 def csv_stem(tag: str) -> str:
-    return EXPORTS.get(tag, tag.replace("/", "_"))
+    return EXPORTS[tag]
 
 
 def write_csv(path: Path, rows: Series) -> None:
@@ -55,27 +62,20 @@ def read_csv(path: str | Path) -> Series:
         return [(float(w), int(s), float(v)) for w, s, v in reader]
 
 
-def export_scalars(run_dir: str | Path, metrics_dir: str | Path = "metrics",
+def export_scalars(run: RunDir | str | Path, metrics_dir: str | Path = "metrics",
                    scalars: dict[str, Series] | None = None) -> dict[str, Path]:
-    """One CSV per scalar tag: metrics/<stem>_<run>.csv."""
-    run_dir, metrics_dir = Path(run_dir), Path(metrics_dir)
+    """One CSV per exported curve (EXPORTS): metrics/<stem>_<run>.csv."""
+    run, metrics_dir = RunDir.of(run), Path(metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for tag, rows in (scalars if scalars is not None else read_scalars(run_dir / "logs")).items():
+    for tag, rows in (scalars if scalars is not None else read_scalars(run.logs_dir)).items():
+        if tag not in EXPORTS:
+            continue
         stem = csv_stem(tag)
-        path = metrics_dir / f"{stem}_{run_dir.name}.csv"
+        path = metrics_dir / f"{stem}_{run.name}.csv"
         write_csv(path, rows)
         written[stem] = path
     return written
-
-
-def base_model_of(run_dir: Path) -> str:
-    """The base model named in the run's config.yaml, or "" when there is none."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return ""
-    values = yaml.safe_load(path.read_text()) or {}
-    return str(values.get("base_model") or "")
 
 
 def loss_figure(scalars: dict[str, Series], title: str):
@@ -117,29 +117,31 @@ def _xy(series: Series) -> tuple[list[int], list[float]]:
     return [s for _, s, _ in series], [v for *_, v in series]
 
 
-def plot_run(run_dir: str | Path, imgs_dir: str | Path = "imgs", base_model: str = "",
+def plot_run(run: RunDir | str | Path, imgs_dir: str | Path = "imgs",
              scalars: dict[str, Series] | None = None) -> Path | None:
-    """imgs/loss_<run>.png, titled with the run name and its base model (read from config.yaml if not given)."""
+    """imgs/loss_<run>.png, titled with the run name and its base model (from the run's config)."""
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    scalars = scalars if scalars is not None else read_scalars(run_dir / "logs")
+    run = RunDir.of(run)
+    scalars = scalars if scalars is not None else read_scalars(run.logs_dir)
     if "train/loss" not in scalars:
         return None
-    base_model = base_model or base_model_of(run_dir)
-    fig = loss_figure(scalars, f"{run_dir.name}  (base model: {base_model})" if base_model else run_dir.name)
+    base_model = run.read_config().base_model if run.exists() else ""
+    fig = loss_figure(scalars, f"{run.name}  (base model: {base_model})" if base_model else run.name)
     Path(imgs_dir).mkdir(parents=True, exist_ok=True)
-    out = Path(imgs_dir) / f"loss_{run_dir.name}.png"
+    out = Path(imgs_dir) / f"loss_{run.name}.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
-def export_run(run_dir: str | Path, metrics_dir: str | Path = "metrics", imgs_dir: str | Path = "imgs",
-               base_model: str = "") -> dict[str, Any]:
-    scalars = read_scalars(Path(run_dir) / "logs")  # read the event files once for both
-    written: dict[str, Any] = export_scalars(run_dir, metrics_dir, scalars)
-    plot = plot_run(run_dir, imgs_dir, base_model, scalars)
+def export_run(run: RunDir | str | Path, metrics_dir: str | Path = "metrics",
+               imgs_dir: str | Path = "imgs") -> dict[str, Any]:
+    """The run's curves as CSVs in metrics_dir and its loss plot in imgs_dir."""
+    run = RunDir.of(run)
+    scalars = read_scalars(run.logs_dir)  # read the event files once for both
+    written: dict[str, Any] = export_scalars(run, metrics_dir, scalars)
+    plot = plot_run(run, imgs_dir, scalars)
     if plot is not None:
         written["plot"] = plot
     return written

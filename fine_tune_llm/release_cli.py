@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .cli import command
 
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -21,7 +19,7 @@ def _card(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model-id", help="the base model's Hub id, when training loaded it from a local folder")
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="stage", required=True)
     a = sub.add_parser("adapter", help="adapter folder with tokenizer, generation config and model card")
     a.add_argument("run", help="run directory (or its adapter/ folder)")
@@ -58,8 +56,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("folder")
 
 
-@command("release", _add_args)
-def cmd_release(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Release a run: adapter, merged model, GGUF, Hub push - each folder checked."""
     return {"adapter": _adapter, "merge": _merge, "gguf": _gguf, "push": _push, "check": _check}[args.stage](args)
 
@@ -91,10 +88,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _gguf(args: argparse.Namespace) -> int:
     from .release.gguf_export import QUANTS, export_gguf
 
-    merged = Path(args.merged)
-    if (merged / "release" / "merged" / "config.json").is_file():
-        merged = merged / "release" / "merged"
-    result = export_gguf(merged, args.out, quants=tuple(args.quant or QUANTS), llama_cpp_dir=args.llama_cpp_dir,
+    result = export_gguf(args.merged, args.out, quants=tuple(args.quant or QUANTS), llama_cpp_dir=args.llama_cpp_dir,
                          cache_dir=args.cache_dir, name=args.name, max_new_tokens=args.max_new_tokens,
                          overwrite=args.overwrite)
     print(result.summary())

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
+from .files import write_atomic
 from .manifest import git_state, hardware, library_versions
+from .run import RunDir
 
 RUNS_COLUMNS = [
     "created", "run", "run_dir", "base_model", "preset", "global_step", "split", "answers", "pairs",
@@ -21,16 +23,16 @@ RUNS_COLUMNS = [
 ]
 
 
-def build_report(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any], base: dict[str, Any],
+def build_report(run: RunDir, cfg: TrainConfig, settings: dict[str, Any], base: dict[str, Any],
                  tuned: dict[str, Any], deltas: dict[str, float], generations: dict[str, list[dict[str, Any]]],
                  wall_seconds: float) -> dict[str, Any]:
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": run_dir.name,
-        "run_dir": str(run_dir),
+        "run": run.name,
+        "run_dir": str(run.path),
         "base_model": cfg.base_model,
-        "adapter": str(run_dir / "adapter"),
-        "global_step": _global_step(run_dir),
+        "adapter": str(run.adapter_dir),
+        "global_step": (run.trainer_state() or {}).get("global_step"),
         "settings": settings,
         "metrics": {"base": base, "tuned": tuned},
         "deltas": deltas,
@@ -45,16 +47,10 @@ def build_report(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any], base
     }
 
 
-def _global_step(run_dir: Path) -> int | None:
-    state = run_dir / "trainer_state.json"
-    return json.loads(state.read_text()).get("global_step") if state.is_file() else None
-
-
-def write_report(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    js, md = Path(run_dir) / "report.json", Path(run_dir) / "report.md"
-    js.write_text(json.dumps(report, indent=2, default=str))
-    md.write_text(render_markdown(report))
-    return js, md
+def write_report(run: RunDir, report: dict[str, Any]) -> tuple[Path, Path]:
+    write_atomic(run.report_json, json.dumps(report, indent=2, default=str))
+    write_atomic(run.report_md, render_markdown(report))
+    return run.report_json, run.report_md
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

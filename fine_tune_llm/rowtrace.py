@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .run import RunDir
+
 ENV = "FINE_TUNE_LLM_TRACE_ROWS"
 WRITES_ENV = "FINE_TUNE_LLM_TRACE_WRITES"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -43,8 +45,8 @@ class RowTrace:
             if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int)
                                                                                and flags & _WRITE_FLAGS):
                 self.written.add(os.path.abspath(os.fspath(args[0])))
-        elif event in ("os.rename", "os.mkdir") and args and isinstance(args[-1 if event == "os.rename" else 0],
-                                                                         (str, os.PathLike)):
+        elif event in ("os.rename", "os.mkdir") and args:
+            # os.rename and os.replace: (src, dst, src_dir_fd, dst_dir_fd); the written path is dst
             target = args[1] if event == "os.rename" else args[0]
             if isinstance(target, (str, os.PathLike)):
                 self.written.add(os.path.abspath(os.fspath(target)))
@@ -62,8 +64,8 @@ class RowTrace:
             rows += [self.by_ids.get(tuple(p.tolist()), -1) for p in pieces]
         self.steps.append({"step": step, "rows": rows})
 
-    def write(self, run_dir: str | Path, rank: int) -> Path:
-        out = Path(run_dir) / "trace" / f"rank{rank}.json"
+    def write(self, run: RunDir, rank: int) -> Path:
+        out = run.trace_dir / f"rank{rank}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         import torch.distributed as dist
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .chat import GEMMA_CHAT_TEMPLATE
 from .data import SAMPLE_DATA, read_rows
+from .files import cache_root
 
 TINY_NAME = "tiny-gemma"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's own vocabulary
@@ -26,10 +27,6 @@ MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, 
                    num_key_value_heads=1, head_dim=32, max_position_embeddings=1024)
 BUILD_VERSION = "2"
 PRETRAIN_STEPS = 150
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINE_TUNE_LLM_CACHE", Path.home() / ".cache" / "fine_tune_llm"))
 
 
 def tiny_model_dir() -> Path:

@@ -54,7 +54,7 @@ def _agree(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from fine_tune_llm.training import StopOnSigint, all_ranks
+    from fine_tune_llm.trainer import StopOnSigint, all_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = SimpleNamespace(world_size=2, device=torch.device("cpu"))

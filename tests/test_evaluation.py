@@ -15,7 +15,9 @@ import torch
 from fine_tune_llm import scoring
 from fine_tune_llm.chat import build_messages, render_prompt
 from fine_tune_llm.config import make_config
-from fine_tune_llm.evaluation import eval_rows, generate_answers, load_for_eval
+from fine_tune_llm.evaluation import eval_rows, load_for_eval
+from fine_tune_llm.generation import generate_answers
+from fine_tune_llm.run import RunDir
 from tests.conftest import train_tiny
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -119,14 +121,14 @@ def tiny_tokenizer():
 @pytest.fixture(scope="module")
 def tuned(run):
     model, tokenizer = load_for_eval(run, Path(run.output_dir) / "adapter")
-    return model, tokenizer, eval_rows(run, "test")
+    return model, tokenizer, eval_rows(RunDir.of(run.output_dir), "test")
 
 
 def test_eval_split_is_the_held_out_test_split_training_built(run, tiny_tokenizer):
     from fine_tune_llm.training import prepare_data
 
     splits, tokenized = prepare_data(run, tiny_tokenizer)
-    rows = eval_rows(run, "test")
+    rows = eval_rows(RunDir.of(run.output_dir), "test")
     assert rows == splits["test"] and len(rows) == 16
     train_questions = {r["question"] for r in splits["train"]} | {r["question"] for r in splits["validation"]}
     assert not train_questions & {r["question"] for r in rows}

@@ -72,7 +72,7 @@ def test_plot_has_loss_and_perplexity_panels_titled_with_run_and_base_model(run)
     png = Path(cfg.imgs_dir) / f"loss_{cfg.run_name}.png"  # written by training's export
     assert png.stat().st_size > 10_000
     # The title names the run and the base model read back from the run's config.yaml.
-    assert metrics.base_model_of(result.run_dir) == "tiny-gemma"
+    assert result.run.read_config().base_model == "tiny-gemma"
 
 
 def _write_events(log_dir: Path, points: list[tuple[int, float]]) -> None:

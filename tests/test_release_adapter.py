@@ -212,3 +212,32 @@ def test_a_base_loaded_from_a_local_folder_is_published_under_its_hub_id(run_dir
     for path in out.iterdir():
         if path.suffix in (".json", ".md", ".yaml", ".jinja"):
             assert "/root/" not in path.read_text() and "fine_tune_llm/tiny" not in path.read_text(), path.name
+
+
+def test_a_failed_stage_leaves_no_release_folder(run_dir, tmp_path, monkeypatch):
+    """The licence is checked before any work, and a folder whose check fails is never put in place."""
+    import fine_tune_llm.release.adapter as stage
+    from fine_tune_llm.errors import ConfigError
+    from fine_tune_llm.release.merge import merge_adapter
+    from fine_tune_llm.run import RunDir
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = yaml.safe_load((copy / "adapter" / "training_config.yaml").read_text())
+    config["base_model"] = "/models/some-local-llm"  # no Hub id, so no known licence
+    (copy / "adapter" / "training_config.yaml").write_text(yaml.safe_dump(config))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the merge loaded a model before checking the licence")
+
+    monkeypatch.setattr("fine_tune_llm.release.merge.open_run", no_model)
+    with pytest.raises(ConfigError, match="no known licence for base model 'some-local-llm'"):
+        merge_adapter(copy)
+    release = RunDir.of(copy).release_dir("merged").parent
+    assert not release.exists() or not any(release.iterdir())
+
+    failing = check_folder(tmp_path)  # not a release folder: a check result with errors
+    monkeypatch.setattr(stage, "check_adapter", lambda folder: failing)
+    with pytest.raises(ReleaseCheckFailed):
+        release_adapter(run_dir, tmp_path / "out" / "adapter", dataset_id=DATASET)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its staging copy

@@ -109,10 +109,9 @@ def test_accumulation_equals_a_bigger_batch_within_bf16_rounding_in_qlora(runs):
 
 def _step1_losses(result) -> tuple[float, float]:
     """Per-row answer losses of the untrained model on the 8 rows of step 1, combined both ways."""
-    from fine_tune_llm.config import load_run_config
     from fine_tune_llm.modeling import load_model, load_tokenizer
 
-    cfg = load_run_config(result.run_dir)
+    cfg = result.run.read_config()
     tok = load_tokenizer(cfg)
     _, data = training.prepare_data(cfg, tok)
     train = data["train"]

@@ -17,6 +17,7 @@ from fine_tune_llm import checkpoints
 from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import ConfigError
 from fine_tune_llm.metrics import read_scalars
+from fine_tune_llm.run import RunDir
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> Path:
@@ -54,7 +55,9 @@ def test_a_step_saved_again_loses_its_old_marker_first(tmp_path):
     """After a resume, a folder for a step the dead run already reached is stale: its marker must go before the
     Trainer writes over it, or a kill during that overwrite would leave same-size files vouched for."""
     stale = fake_checkpoint(tmp_path, 6)
-    cb = checkpoints.CompletionMarker()
+    from fine_tune_llm.trainer import CompletionMarker
+
+    cb = CompletionMarker()
     args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=5, is_world_process_zero=True)
     cb.on_step_end(args, state, None)
     assert checkpoints.is_complete(stale)
@@ -67,7 +70,7 @@ def test_a_step_saved_again_loses_its_old_marker_first(tmp_path):
 
 def test_resuming_with_other_options_is_refused(tmp_path):
     cfg = make_config("tiny", output_dir=str(tmp_path))
-    cfg.save(tmp_path / "config.yaml")
+    RunDir.of(tmp_path).write_config(cfg)
     fake_checkpoint(tmp_path, 2)
     longer = make_config("tiny", output_dir=str(tmp_path), max_steps=60, save_steps=5)
     assert checkpoints.resume_point(tmp_path, None, longer) == str(tmp_path / "checkpoint-2")
@@ -170,6 +173,6 @@ def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     run_dir = tmp_path / "nan"
     assert good == run_dir / f"checkpoint-{step - 1}"
     assert checkpoints.is_complete(good)
-    assert checkpoints.step_of(checkpoints.checkpoints_newest_first(run_dir)[0]) == step - 1  # nothing later
+    assert checkpoints.step_of(RunDir.of(run_dir).checkpoints()[0]) == step - 1  # nothing later
     assert all(torch.isfinite(t).all() for t in adapter(good).values())
     assert math.isfinite(json.loads((good / "trainer_state.json").read_text())["log_history"][-1]["loss"])

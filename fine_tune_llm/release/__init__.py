@@ -1,11 +1,15 @@
 """The release pipeline: adapter -> merged bf16 model -> GGUF, each folder checked, and a Hub push.
 
-Every stage is a plain function (for notebooks) behind a `fine-tune-llm release ...` subcommand.
+Every stage is a plain function (for notebooks) behind a `fine-tune-llm release ...` subcommand. Each writes into
+a staging folder that becomes the release folder only once its own check passes.
 """
 
 from .adapter import check_adapter, release_adapter
-from .checks import check_folder
 from .common import CheckResult
+from .folders import check_folder
+from .gguf_export import check_gguf, export_gguf
+from .merge import check_merged, merge_adapter
+from .push import plan_upload, push_folder
 
 __all__ = [
     "CheckResult",
@@ -19,19 +23,3 @@ __all__ = [
     "push_folder",
     "release_adapter",
 ]
-
-
-def __getattr__(name):  # the heavier stages import on first use
-    if name in ("merge_adapter", "check_merged"):
-        from . import merge
-
-        return getattr(merge, name)
-    if name in ("export_gguf", "check_gguf"):
-        from . import gguf_export
-
-        return getattr(gguf_export, name)
-    if name in ("push_folder", "plan_upload"):
-        from . import push
-
-        return getattr(push, name)
-    raise AttributeError(name)

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import ReleaseCheckFailed
+from ..generation import generation_config
+from ..run import ADAPTER_CONFIG_FILE
 from .checks import check_common, check_tokenizer
-from .common import (
-    CheckResult,
-    RunFiles,
-    default_release_dir,
-    fresh_dir,
-    locate_run,
-    public_config,
-    save_tokenizer,
-    tokenizer_model_source,
-)
-from .modelcard import split_sizes, write_card
+from .common import CheckResult, RunFiles, locate_run, public_config, save_tokenizer, staged, tokenizer_model_source
+from .modelcard import is_psychology, require_license, write_card
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -33,28 +27,30 @@ def release_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = Non
     """Write the adapter release folder (default: RUN/release/adapter), check it, and return its path."""
     from transformers import AutoTokenizer
 
-    from ..training import generation_config
-
     run = locate_run(run_or_adapter, base_model_id)
-    out = fresh_dir(out_dir or default_release_dir(run, "adapter"), overwrite)
+    require_license(run, license)
     for name in ADAPTER_FILES:
-        src = run.adapter_dir / name
-        if not src.is_file():
-            raise_missing(run, name)
-        shutil.copyfile(src, out / name)
-    _point_at_hub_base(out / "adapter_config.json", run)
-    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-    save_tokenizer(tok, out, tokenizer_model_source(run.cfg, tokenizer_model))
-    # Rebuilt rather than copied: an older run's file may list <eos> alone and never stop at <end_of_turn>.
-    generation_config(tok, _saved_generation_config(run.adapter_dir)).save_pretrained(str(out))
-    (out / "training_config.yaml").write_text(yaml.safe_dump(public_config(run.cfg), sort_keys=False))
-    goal = "questions about emotional difficulties with empathy" if _psych(run) else "like its training data"
-    summary = (f"A LoRA adapter for [`{run.base_id}`]({_hub_url(run.base_id)}), trained with QLoRA "
-               f"to answer {goal}. Load it on top of the base model with PEFT.")
-    write_card(out, "adapter", run, summary, license=license, dataset=dataset_id, sizes=split_sizes(run.cfg))
-    check_adapter(out).raise_if_failed()
-    log.info("adapter release: %s", out)
-    return out
+        if not (run.adapter_dir / name).is_file():
+            raise ReleaseCheckFailed(f"{run.adapter_dir / name} is missing: did training finish and save the "
+                                     f"adapter?")
+    final = Path(out_dir) if out_dir else run.release_dir("adapter")
+    with staged(final, overwrite) as out:
+        for name in ADAPTER_FILES:
+            shutil.copyfile(run.adapter_dir / name, out / name)
+        _point_at_hub_base(out / "adapter_config.json", run)
+        tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+        save_tokenizer(tok, out, tokenizer_model_source(run.cfg, tokenizer_model))
+        # Rebuilt rather than copied: an older run's file may list <eos> alone and never stop at <end_of_turn>.
+        generation_config(tok, _saved_generation_config(run.adapter_dir)).save_pretrained(str(out))
+        (out / ADAPTER_CONFIG_FILE).write_text(yaml.safe_dump(public_config(run.cfg), sort_keys=False))
+        goal = "questions about emotional difficulties with empathy" if is_psychology(run.cfg) else \
+            "like its training data"
+        summary = (f"A LoRA adapter for [`{run.base_id}`]({_hub_url(run.base_id)}), trained with QLoRA "
+                   f"to answer {goal}. Load it on top of the base model with PEFT.")
+        write_card(out, "adapter", run, summary, license=license, dataset=dataset_id)
+        check_adapter(out).raise_if_failed()
+    log.info("adapter release: %s", final)
+    return final
 
 
 def check_adapter(folder: str | Path) -> CheckResult:
@@ -86,12 +82,6 @@ def check_adapter(folder: str | Path) -> CheckResult:
     return result
 
 
-def raise_missing(run: RunFiles, name: str) -> None:
-    from ..errors import ReleaseCheckFailed
-
-    raise ReleaseCheckFailed(f"{run.adapter_dir / name} is missing: did training finish and save the adapter?")
-
-
 def _point_at_hub_base(path: Path, run: RunFiles) -> None:
     """adapter_config.json names the base by where training loaded it (maybe a folder of this machine); a
     release names it by its Hub id, which is what PEFT downloads elsewhere."""
@@ -114,9 +104,3 @@ def _hub_url(model: str) -> str:
     from .common import is_hub_id
 
     return f"https://huggingface.co/{model}" if is_hub_id(model) else "#"
-
-
-def _psych(run: RunFiles) -> bool:
-    from .modelcard import is_psychology
-
-    return is_psychology(run.cfg)

@@ -1,48 +1,13 @@
-"""Checks shared by the release folders (tokenizer, generation config, card) and `check_folder`, which
-recognises a folder's kind and runs its own check. A push refuses any folder whose check has errors."""
+"""Checks every release folder shares: tokenizer, generation config, model card, no pickles. Each stage module
+adds its own check on top (folders.py maps a folder's kind to it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import CheckResult, pickle_files, read_json
+from ..files import read_json
+from .common import CheckResult, pickle_files
 from .modelcard import validate_card
-
-KINDS = ("adapter", "merged", "gguf")
-
-
-def detect_kind(folder: Path) -> str | None:
-    if (folder / "adapter_config.json").is_file():
-        return "adapter"
-    if list(folder.glob("*.gguf")):
-        return "gguf"
-    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")):
-        return "merged"
-    return None
-
-
-def check_folder(folder: str | Path, kind: str | None = None) -> CheckResult:
-    """The folder's own check, by kind (detected from its files when not given)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        return CheckResult(folder, kind or "release", errors=[f"{folder} is not a directory"])
-    kind = kind or detect_kind(folder)
-    if kind == "adapter":
-        from .adapter import check_adapter
-
-        return check_adapter(folder)
-    if kind == "merged":
-        from .merge import check_merged
-
-        return check_merged(folder)
-    if kind == "gguf":
-        from .gguf_export import check_gguf
-
-        return check_gguf(folder)
-    return CheckResult(folder, "release", errors=[
-        (f"{folder} is not a release folder: expected adapter_config.json (adapter), config.json + *.safetensors "
-        f"(merged model) or *.gguf files (GGUF)")])
-
 
 def check_common(result: CheckResult, card_kind: str) -> None:
     """Model card, and no pickled files."""

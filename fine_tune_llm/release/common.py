@@ -1,25 +1,29 @@
-"""What every release stage shares: finding the run, its config and tokenizer files, and the check result."""
+"""What every release stage shares: finding the run, its config and tokenizer files, the check result, and the
+staging folder that becomes a release folder only once its check passes."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import TrainConfig, field_names, load_run_config
+from ..config import TrainConfig
 from ..errors import ConfigError, ReleaseCheckFailed
+from ..files import read_json, write_json
+from ..run import ADAPTER_CONFIG_FILE, RunDir, read_config_file
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Pickles run code when loaded: a release never carries one (training_args.bin is the Trainer's).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Run-local paths: written into training_config.yaml by training, meaningless (and revealing) elsewhere.
+# Run-local paths: written into the adapter's training config by training, meaningless (and revealing) elsewhere.
 LOCAL_PATH_OPTIONS = ("output_dir", "metrics_dir", "imgs_dir")
 
 
@@ -48,10 +52,11 @@ class CheckResult:
 
 @dataclass
 class RunFiles:
-    """A finished training run as the release stages see it."""
+    """A finished training run as the release stages see it: its adapter, its settings and, when the adapter is
+    still inside its run directory, the run (saved splits, trainer state, evaluation report)."""
 
     adapter_dir: Path
-    run_dir: Path | None
+    run: RunDir | None
     cfg: TrainConfig
     # The base model's Hub id when training loaded it from a local copy (e.g. a Kaggle or Colab folder).
     base_model_id: str | None = None
@@ -64,61 +69,60 @@ class RunFiles:
         base = self.cfg.base_model
         return base if is_hub_id(base) or not any(c in base for c in "/\\") else Path(base).name
 
+    def release_dir(self, stage: str) -> Path:
+        return (self.run or RunDir.of(self.adapter_dir.parent)).release_dir(stage)
 
-def locate_run(path: str | Path, base_model_id: str | None = None) -> RunFiles:
+    def require_run(self, why: str) -> RunDir:
+        if self.run is None:
+            raise ConfigError(f"{self.adapter_dir} is not inside its run directory, which {why} needs (its "
+                              f"saved splits): pass the run directory `fine-tune-llm train` wrote")
+        return self.run
+
+
+def locate_run(path: str | Path | RunDir, base_model_id: str | None = None) -> RunFiles:
     """Accept a run directory (with adapter/) or an adapter directory (with training_config.yaml)."""
-    path = Path(path).expanduser()
-    if (path / "adapter" / "adapter_config.json").is_file():
-        run_dir, adapter_dir = path, path / "adapter"
+    path = path.path if isinstance(path, RunDir) else Path(path).expanduser()
+    run = RunDir.of(path)
+    if (run.adapter_dir / "adapter_config.json").is_file():
+        adapter_dir = run.adapter_dir
     elif (path / "adapter_config.json").is_file():
         adapter_dir = path
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
+        parent = RunDir.of(path.parent)
+        run = parent if parent.exists() and parent.adapter_dir == path else None
     else:
         raise ConfigError(f"{path} holds no adapter (adapter_config.json) and no adapter/ folder: pass the run "
                           f"directory `fine-tune-llm train` wrote, or its adapter/ folder")
-    cfg_file = adapter_dir / "training_config.yaml"
-    if cfg_file.is_file():
-        values = yaml.safe_load(cfg_file.read_text()) or {}
-        cfg = TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
-    elif run_dir is not None:
-        cfg = load_run_config(run_dir)
+    if (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
+        cfg = read_config_file(adapter_dir / ADAPTER_CONFIG_FILE)
+    elif run is not None:
+        cfg = run.read_config()
     else:
-        raise ConfigError(f"{adapter_dir}: no training_config.yaml and no run directory above it; the release "
+        raise ConfigError(f"{adapter_dir}: no {ADAPTER_CONFIG_FILE} and no run directory above it; the release "
                           f"needs the training settings (base model, data, hyperparameters)")
-    return RunFiles(adapter_dir, run_dir, cfg, base_model_id)
+    return RunFiles(adapter_dir, run, cfg, base_model_id)
 
 
-def default_release_dir(run: RunFiles, stage: str) -> Path:
-    return (run.run_dir or run.adapter_dir.parent) / "release" / stage
+@contextlib.contextmanager
+def staged(final: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `final` for a stage to write into; it replaces `final` only if the block ends
+    without an error (the stage's check raises on failure), so a failed stage leaves no half-written release."""
+    final = Path(final)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise ConfigError(f"{final} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
-
-
-def fresh_dir(path: str | Path, overwrite: bool) -> Path:
-    """An empty output folder. An existing non-empty one is replaced only when asked."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    return path
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when the file is missing or not an object (callers report what they need)."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def public_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -189,10 +193,6 @@ def _local_path(value: Any) -> bool:
 def pickle_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
-
-
-def folder_bytes(folder: Path, pattern: str = "*") -> int:
-    return sum(p.stat().st_size for p in Path(folder).glob(pattern) if p.is_file())
 
 
 def human_bytes(n: float) -> str:

@@ -30,13 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, EnvironmentNotReady, ReleaseCheckFailed
+from ..files import cache_root, read_json, write_json
+from ..run import RunDir
 from .checks import check_common
-from .common import CheckResult, fresh_dir, human_bytes, locate_run, read_json, write_json
+from .common import CheckResult, human_bytes, locate_run, staged
+from .merge import check_merged
+from .modelcard import write_card
 from .modelfile import default_system_prompt, modelfile_matches, write_modelfile
 
 log = logging.getLogger(__name__)
-INSTALL_HINT = ("llama-cpp-python is not installed: `poetry install --with gguf` (builds for ~6 minutes; set "
-                "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" on CPUs where the native build crashes)")
+# The gguf dependency group is optional (llama-cpp-python compiles for ~6 minutes): the Makefile target installs
+# it with the build flags that work on every CPU we have seen.
+INSTALL_HINT = "GGUF export needs llama-cpp-python, which is not installed: run `make install-gguf` (compiles ~6 min)"
 QUANTS = ("q8_0", "q4_k_m")
 # Block size of each type: rows whose length is not a multiple fall back to another type (llama-quant.cpp).
 K_QUANT_BLOCK = 256
@@ -95,20 +100,34 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
                 llama_cpp_dir: str | Path | None = None, cache_dir: str | Path | None = None, name: str = "model",
                 max_new_tokens: int = 512, overwrite: bool = False) -> GGUFResult:
     """f16 GGUF + quantized copies + Modelfile + card (default: next to the merged folder, in gguf/)."""
-    from transformers import AutoTokenizer
-
-    from .merge import check_merged
-
-    merged_dir = Path(merged_dir).expanduser()
+    llama_cpp = _llama_cpp()  # first: without the optional gguf group, stop before any work
+    merged_dir = merged_folder(merged_dir)
     check_merged(merged_dir).raise_if_failed()  # never convert an unverified merge
-    llama_cpp = _llama_cpp()
-    turn_end = _turn_end(merged_dir)
+    run = locate_run_for_merged(merged_dir)
     if _needs_sp_model(merged_dir) and not (merged_dir / "tokenizer.model").is_file():
         raise ReleaseCheckFailed(f"{merged_dir} has no tokenizer.model, which llama.cpp's converter needs for this "
                                  f"SentencePiece tokenizer: rerun `release merge --tokenizer-model PATH`")
     root = llama_cpp_tree(llama_cpp_dir, cache_dir)
-    out = fresh_dir(out_dir or merged_dir.parent / "gguf", overwrite)
+    final = Path(out_dir) if out_dir else merged_dir.parent / "gguf"
+    with staged(final, overwrite) as out:
+        result = _export_into(out, merged_dir, run, root, llama_cpp, quants, name, max_new_tokens)
+    result.folder = final
+    log.info(result.summary())
+    return result
 
+
+def merged_folder(path: str | Path) -> Path:
+    """A merged model folder, or a run directory holding one in release/merged."""
+    path = Path(path).expanduser()
+    inside = RunDir.of(path).release_dir("merged")
+    return inside if (inside / "config.json").is_file() else path
+
+
+def _export_into(out: Path, merged_dir: Path, run, root: Path, llama_cpp, quants: tuple[str, ...], name: str,
+                 max_new_tokens: int) -> GGUFResult:
+    from transformers import AutoTokenizer
+
+    turn_end = _turn_end(merged_dir)
     f16 = out / f"{name}-f16.gguf"
     convert(merged_dir, f16, root)
     fixes = fix_special_tokens(f16, root, turn_end)
@@ -129,10 +148,9 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
                                    "modelfile_matches_chat_template": result.modelfile_matches_template,
                                    "questions": PROBE_QUESTIONS,
                                    "files": [asdict(f) for f in files]})
-    _write_gguf_card(out, merged_dir, result)
-    log.info(result.summary())
     if not result.passed:
         raise ReleaseCheckFailed(f"GGUF verification failed:\n{result.summary()}")
+    _write_gguf_card(out, merged_dir, run, result)
     check_gguf(out).raise_if_failed()
     return result
 
@@ -158,8 +176,6 @@ def llama_cpp_tree(llama_cpp_dir: str | Path | None = None, cache_dir: str | Pat
         version = importlib.metadata.version("llama-cpp-python")
     except importlib.metadata.PackageNotFoundError:
         raise EnvironmentNotReady(INSTALL_HINT) from None
-    from ..tiny import cache_root
-
     cache = Path(cache_dir).expanduser() if cache_dir else cache_root() / "llama-cpp-python-src"
     root = cache / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if not (root / "convert_hf_to_gguf.py").is_file():
@@ -412,11 +428,8 @@ def _piece(llm, token: int) -> str:
 # --- Modelfile, card, check ---------------------------------------------------------------------------------
 
 
-def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
-    from .modelcard import write_card
-
+def _write_gguf_card(out: Path, merged_dir: Path, run, result: GGUFResult) -> None:
     card = read_json(merged_dir / "parity.json") or {}
-    run = locate_run_for_merged(merged_dir)
     rows = ["| file | size | tensor types | end of turn | greedy answer ended on | check |", "|---|---|---|---|---|---|"]
     for f in result.files:
         v = f.verification
@@ -445,7 +458,7 @@ def _write_gguf_card(out: Path, merged_dir: Path, result: GGUFResult) -> None:
 def locate_run_for_merged(merged_dir: Path):
     """The run a merged folder came from: its release/ parent's run, else its training_config.yaml."""
     for candidate in (merged_dir.parent.parent, merged_dir.parent):
-        if (candidate / "adapter" / "adapter_config.json").is_file():
+        if (RunDir.of(candidate).adapter_dir / "adapter_config.json").is_file():
             return locate_run(candidate, _card_value(merged_dir, "base_model"))
     raise ConfigError(f"cannot find the training run of {merged_dir}: expected it at RUN/release/merged")
 

@@ -24,21 +24,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ReleaseCheckFailed
+from ..files import read_json, write_json
+from ..generation import generation_config
+from ..modeling import device_map, guard_cpu_4bit, load_model
 from .checks import check_common, check_tokenizer
-from .common import (
-    CheckResult,
-    RunFiles,
-    default_release_dir,
-    fresh_dir,
-    human_bytes,
-    locate_run,
-    read_json,
-    save_tokenizer,
-    tokenizer_model_source,
-    write_json,
-)
-from .modelcard import split_sizes, write_card
-from .parity import EFFECT_RTOL, LOGIT_ATOL, LOSS_ATOL, Parity, build_probe, compare, measure
+from .common import CheckResult, RunFiles, human_bytes, locate_run, save_tokenizer, staged, tokenizer_model_source
+from .modelcard import require_license, write_card
+from .parity import EFFECT_RTOL, LOGIT_ATOL, LOSS_ATOL, Parity, Probe, build_probe, compare, measure
 
 log = logging.getLogger(__name__)
 MODES = ("bf16", "nf4")
@@ -61,14 +53,39 @@ class MergeResult:
                 f"{'PASSED' if self.parity.passed else 'FAILED'}: {self.parity.summary()}")
 
 
+@dataclass
+class Opened:
+    """What both merges start from: the run, its tokenizer, the parity probe, base + adapter and its outputs."""
+
+    run: RunFiles
+    tokenizer: Any
+    probe: Probe
+    model: Any
+    base: dict[str, Any]  # the probe's outputs with the adapter switched off
+    reference: dict[str, Any]  # ... and with it on: what the merge must reproduce
+
+
+def open_run(run_or_adapter: str | Path, quantized: bool, n_prompts: int, n_eval: int,
+             base_model_id: str | None = None) -> Opened:
+    from transformers import AutoTokenizer
+
+    run = locate_run(run_or_adapter, base_model_id)
+    if quantized and run.cfg.quantization != "4bit":
+        raise ConfigError(f"this run trained with quantization={run.cfg.quantization!r}, not 4bit: use mode 'bf16'")
+    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    probe = build_probe(run.require_run("the parity check"), run.cfg, tok, n_prompts, n_eval)
+    model = _with_adapter(run, quantized=quantized)
+    with model.disable_adapter():
+        base = measure(model, probe)
+    return Opened(run, tok, probe, model, base, measure(model, probe))
+
+
 def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None, *, mode: str = "bf16",
                   n_prompts: int = 4, n_eval: int = 32, logit_atol: float = LOGIT_ATOL, loss_atol: float = LOSS_ATOL,
                   effect_rtol: float = EFFECT_RTOL, license: str | None = None, dataset_id: str | None = None,
                   tokenizer_model: str | Path | None = None, base_model_id: str | None = None,
                   overwrite: bool = False) -> MergeResult:
     """Merge, save bf16 safetensors (default: RUN/release/merged), check parity; raise if it fails."""
-    from transformers import AutoTokenizer
-
     if mode == "4bit":
         parity = measure_4bit_merge(run_or_adapter, n_prompts=n_prompts, n_eval=n_eval, logit_atol=logit_atol,
                                     loss_atol=loss_atol, effect_rtol=effect_rtol)
@@ -77,51 +94,48 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None,
         raise ConfigError(f"merge mode {mode!r}: choose one of {', '.join(MODES)} (merging into 4-bit weights is "
                           f"refused: it rounds the adapter away)")
     run = locate_run(run_or_adapter, base_model_id)
-    if mode == "nf4" and run.cfg.quantization != "4bit":
-        raise ConfigError(f"mode 'nf4' reproduces 4-bit training, but this run trained with quantization="
-                          f"{run.cfg.quantization!r}: use mode 'bf16'")
-    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-    probe = build_probe(run.cfg, tok, n_prompts, n_eval)
-    out = fresh_dir(out_dir or default_release_dir(run, "merged"), overwrite)
+    require_license(run, license)  # before the heavy work, not after it
+    final = Path(out_dir) if out_dir else run.release_dir("merged")
+    with staged(final, overwrite) as out:
+        result = _merge_into(open_run(run_or_adapter, mode == "nf4", n_prompts, n_eval, base_model_id), out, mode,
+                             (logit_atol, loss_atol, effect_rtol), license, dataset_id, tokenizer_model)
+    result.folder = final
+    log.info(result.summary())
+    return result
 
-    model = _with_adapter(run, quantized=mode == "nf4")
-    with model.disable_adapter():
-        base = measure(model, probe)
-    reference = measure(model, probe)
+
+def _merge_into(o: Opened, out: Path, mode: str, tolerances: tuple[float, float, float], license: str | None,
+                dataset_id: str | None, tokenizer_model) -> MergeResult:
+    run, model = o.run, o.model
     if mode == "nf4":  # the same NF4 weights, dequantized, under a fresh copy of the adapter
         model = _with_adapter(run, quantized=True, base_model=_dequantized(model.unload()))
     lora_weights = merged_weight_names(model)
     merged = model.merge_and_unload(safe_merge=True)
-    del model
+    del model, o.model
     # bf16 base weights sit on the bf16 grid, and most LoRA updates are smaller than half its step there:
     # rounding W + BA to nearest gives W back for most entries and loses much of the update (measured on
     # SmolLM2-135M: 80-89% of entries unchanged, 26-48% of the update kept). Stochastic rounding keeps it
     # in expectation. Dequantized NF4 weights are off the grid, so nearest rounding is already unbiased there.
     rounding = "stochastic" if mode == "bf16" else "nearest"
     to_bf16(merged, lora_weights if rounding == "stochastic" else set(), seed=run.cfg.seed)
-    _save_bf16(merged, tok, out, run, tokenizer_model)
+    _save_bf16(merged, o.tokenizer, out, run, tokenizer_model)
     del merged
     gc.collect()
-
     saved = _load_saved(out, run)
-    parity = compare(reference, measure(saved, probe), base, logit_atol, loss_atol, effect_rtol)
+    parity = compare(o.reference, measure(saved, o.probe), o.base, *tolerances)
     del saved
     gc.collect()
     params, weight_bytes = _size_facts(out)
     write_json(out / PARITY_FILE, {"mode": mode, "reference": _reference_name(run, mode), "compute": "float32",
-                                   "rounding_to_bf16": rounding,
-                                   "prompt_rows": probe.prompt_rows, "eval_rows": probe.eval_rows,
-                                   **parity.to_dict()})
-    _write_merged_card(out, run, mode, parity, params, weight_bytes, license, dataset_id)
-    result = MergeResult(out, mode, parity, params, weight_bytes)
-    log.info(result.summary())
+                                   "rounding_to_bf16": rounding, "prompt_rows": o.probe.prompt_rows,
+                                   "eval_rows": o.probe.eval_rows, **parity.to_dict()})
     if not parity.passed:
         hint = (" Mode 'nf4' merges into the weights this 4-bit run trained against."
                 if mode == "bf16" and run.cfg.quantization == "4bit" else "")
-        raise ReleaseCheckFailed(f"parity check failed for {out}: {parity.summary()}. The folder is kept for "
-                                 f"inspection; its check refuses a push.{hint}")
+        raise ReleaseCheckFailed(f"parity check failed: {parity.summary()}. Nothing was written.{hint}")
+    _write_merged_card(out, run, mode, parity, params, weight_bytes, license, dataset_id)
     check_merged(out).raise_if_failed()
-    return result
+    return MergeResult(out, mode, parity, params, weight_bytes)
 
 
 def measure_4bit_merge(run_or_adapter: str | Path, n_prompts: int = 4, n_eval: int = 32,
@@ -130,21 +144,11 @@ def measure_4bit_merge(run_or_adapter: str | Path, n_prompts: int = 4, n_eval: i
     """What merging into the 4-bit weights does: PEFT's merge into Linear4bit vs the unmerged 4-bit + adapter."""
     import warnings
 
-    from transformers import AutoTokenizer
-
-    run = locate_run(run_or_adapter)
-    if run.cfg.quantization != "4bit":
-        raise ConfigError(f"this run trained with quantization={run.cfg.quantization!r}, not 4bit")
-    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-    probe = build_probe(run.cfg, tok, n_prompts, n_eval)
-    model = _with_adapter(run, quantized=True)
-    with model.disable_adapter():
-        base = measure(model, probe)
-    reference = measure(model, probe)
+    o = open_run(run_or_adapter, True, n_prompts, n_eval)
     with warnings.catch_warnings():  # PEFT's own warning says the same thing, without numbers
         warnings.simplefilter("ignore")
-        merged = model.merge_and_unload()
-    return compare(reference, measure(merged, probe), base, logit_atol, loss_atol, effect_rtol)
+        merged = o.model.merge_and_unload()
+    return compare(o.reference, measure(merged, o.probe), o.base, logit_atol, loss_atol, effect_rtol)
 
 
 def refusal_message(parity: Parity) -> str:
@@ -160,8 +164,6 @@ def _fp32(run: RunFiles):
 def _with_adapter(run: RunFiles, quantized: bool, base_model=None):
     """base (4-bit as trained, or full precision) + the adapter, float32 compute, frozen."""
     from peft import PeftModel
-
-    from ..modeling import guard_cpu_4bit, load_model
 
     if base_model is None:
         base_model = load_model(_fp32(run), quantize=quantized, dtype=torch.float32)
@@ -213,8 +215,6 @@ def to_bf16(model, stochastic: set[str], seed: int) -> None:
 
 
 def _save_bf16(model, tokenizer, out: Path, run: RunFiles, tokenizer_model) -> None:
-    from ..training import generation_config
-
     model.config.dtype = "bfloat16"
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out, tokenizer_model_source(run.cfg, tokenizer_model))
@@ -223,8 +223,6 @@ def _save_bf16(model, tokenizer, out: Path, run: RunFiles, tokenizer_model) -> N
 
 def _load_saved(out: Path, run: RunFiles):
     from transformers import AutoModelForCausalLM
-
-    from ..modeling import device_map
 
     return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, device_map=device_map(),
                                                 attn_implementation=run.cfg.attn_implementation,
@@ -346,8 +344,7 @@ def _write_merged_card(out: Path, run: RunFiles, mode: str, parity: Parity, para
             "are smaller than half a bf16 step of the weight they are added to, and rounding to nearest would "
             "return the base weight and drop them." if mode == "bf16" else ", to nearest.")),
     ])
-    write_card(out, "merged", run, summary, license=license, dataset=dataset_id, extra_sections=[section],
-               sizes=split_sizes(run.cfg))
+    write_card(out, "merged", run, summary, license=license, dataset=dataset_id, extra_sections=[section])
 
 
 def p_rows(out: Path) -> list[Any]:

@@ -8,14 +8,16 @@ the Hub's validation endpoint needs a network.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from .common import RunFiles, is_hub_id, read_json
+from ..errors import ConfigError
+from ..files import read_json
+from ..run import ADAPTER_CONFIG_FILE
+from .common import RunFiles, is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,17 @@ def license_for(base: str, explicit: str | None = None) -> str | None:
     if explicit:
         return explicit
     return next((lic for prefix, lic in KNOWN_LICENSES.items() if base.startswith(prefix)), None)
+
+
+def require_license(run: RunFiles, explicit: str | None = None) -> str:
+    """The card's licence, checked before a stage does any heavy work."""
+    lic = license_for(run.base_id, explicit)
+    if lic is None:
+        hint = ("" if is_hub_id(run.base_id) else " and --base-model-id with its Hub id (training loaded it from "
+                f"{run.cfg.base_model})")
+        raise ConfigError(f"no known licence for base model {run.base_id!r}: pass license= (--license) with its "
+                          f"Hub licence id (e.g. apache-2.0, gemma, llama3){hint}")
+    return lic
 
 
 def dataset_id(cfg: TrainConfig, explicit: str | None = None) -> str | None:
@@ -180,16 +193,16 @@ def hyperparameter_section(cfg: TrainConfig, run: RunFiles) -> str:
         rows += [(k, v) for k, v in state.items()]
     lines = ["## Hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "The full settings are in `training_config.yaml`." if (run.adapter_dir / "training_config.yaml")
+    lines += ["", f"The full settings are in `{ADAPTER_CONFIG_FILE}`." if (run.adapter_dir / ADAPTER_CONFIG_FILE)
               .is_file() else ""]
     return "\n".join(lines).rstrip()
 
 
 def training_state(run: RunFiles) -> dict[str, str]:
     """Steps and final losses from trainer_state.json, when the run kept it."""
-    if run.run_dir is None:
+    if run.run is None:
         return {}
-    state = read_json(run.run_dir / "trainer_state.json") or {}
+    state = run.run.trainer_state() or {}
     history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
     out: dict[str, str] = {}
     if isinstance(state.get("global_step"), int):
@@ -210,7 +223,7 @@ def _num(v: Any) -> bool:
 def evaluation_section(run: RunFiles) -> str:
     """The base vs tuned numbers of report.json, read defensively: any field may be missing."""
     head = ["## Evaluation", ""]
-    report = read_json(run.run_dir / "report.json") if run.run_dir else None
+    report = run.run.report() if run.run else None
     metrics = report.get("metrics") if report else None
     base = metrics.get("base") if isinstance(metrics, dict) else None
     tuned = metrics.get("tuned") if isinstance(metrics, dict) else None
@@ -274,17 +287,9 @@ def usage_section(kind: str, base: str, extra: str = "") -> str:
     return "\n".join(["## How to use", "", note, "", *code] + (["", extra] if extra else []))
 
 
-def split_sizes(cfg: TrainConfig) -> dict[str, int] | None:
-    """Rows per split, rebuilt from the config as training built them; None when the data is unreachable."""
-    from ..data import load_splits
-
-    try:
-        splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
-    except Exception as exc:  # offline Hub data: the card says less, the release still works
-        log.warning("could not load %s to count its splits (%s); the card omits the counts", cfg.dataset,
-                    type(exc).__name__)
-        return None
-    return {name: len(rows) for name, rows in splits.items()}
+def split_sizes(run: RunFiles) -> dict[str, int] | None:
+    """Rows per split as the run saved them (splits.json); None for an adapter outside its run."""
+    return run.run.split_counts() if run.run else None
 
 
 def build_body(kind: str, run: RunFiles, title: str, summary: str, dataset: str | None,
@@ -300,22 +305,14 @@ def build_body(kind: str, run: RunFiles, title: str, summary: str, dataset: str 
 
 
 def write_card(folder: Path, kind: str, run: RunFiles, summary: str, license: str | None = None,
-               dataset: str | None = None, extra_sections: list[str] = (), usage_extra: str = "",
-               sizes: dict[str, int] | None = None) -> Path:
-    from ..errors import ConfigError
-
-    lic = license_for(run.base_id, license)
-    if lic is None:
-        raise ConfigError(f"no known licence for base model {run.base_id!r}: pass license= (--license) with "
-                          f"its Hub licence id (e.g. apache-2.0, gemma, llama3)")
+               dataset: str | None = None, extra_sections: list[str] = (), usage_extra: str = "") -> Path:
+    """README.md with the Hub metadata and every section: the one place a release card is written."""
+    lic = require_license(run, license)
     ds = dataset_id(run.cfg, dataset)
+    sizes = split_sizes(run)
     title = {"adapter": "LoRA adapter", "merged": "Merged model", "gguf": "GGUF"}[kind]
     title = f"{run.base_id.split('/')[-1]} {title}: {run.cfg.run_name}"
     body = build_body(kind, run, title, summary, ds, sizes, extra_sections, usage_extra)
     path = folder / "README.md"
     path.write_text(render_card(metadata(run.cfg, run.base_id, kind, lic, ds), body), encoding="utf-8")
     return path
-
-
-def json_block(obj: Any) -> str:
-    return "```json\n" + json.dumps(obj, indent=2, default=str) + "\n```"

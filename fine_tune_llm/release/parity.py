@@ -14,7 +14,8 @@ import torch
 
 from ..chat import build_messages, encode_batch, render_prompt
 from ..config import TrainConfig
-from ..data import load_splits
+from ..errors import DataError
+from ..run import RunDir
 
 # Stated tolerances, set from measurements (tiny preset and SmolLM2-135M; numbers in the release tests).
 # Merges into bf16 or dequantized NF4 weights moved the logits by 0.2-4% of the adapter's own effect on them;
@@ -35,13 +36,12 @@ class Probe:
     eval_rows: list[int]
 
 
-def build_probe(cfg: TrainConfig, tokenizer, n_prompts: int = 4, n_eval: int = 32) -> Probe:
-    splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
+def build_probe(run: RunDir, cfg: TrainConfig, tokenizer, n_prompts: int = 4, n_eval: int = 32) -> Probe:
+    """Prompts from the run's saved test split, answers from its validation split."""
+    splits = run.load_splits()
     held_out = splits["test"] or splits["validation"]
     evals = splits["validation"] or splits["test"]
     if not held_out:
-        from ..errors import DataError
-
         raise DataError(f"{cfg.dataset}: no held-out rows (val_fraction/test_fraction are 0) for the parity check")
     questions = list(dict.fromkeys(r["question"] for r in held_out))[:n_prompts]
     prompts = [tokenizer(render_prompt(tokenizer, build_messages(q, cfg.system_prompt)),

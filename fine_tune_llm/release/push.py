@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EnvironmentNotReady
-from .checks import check_folder
+from .folders import check_folder
 from .common import CheckResult, human_bytes
 
 log = logging.getLogger(__name__)

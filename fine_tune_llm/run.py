@@ -1,0 +1,152 @@
+"""The run directory: the one owner of its layout, its config and its saved splits.
+
+    RUN/config.yaml          the resolved TrainConfig        RUN/manifest.json   how the run was made
+    RUN/splits.json          which rows each split holds     RUN/logs/           TensorBoard event files
+    RUN/checkpoint-N/        resumable checkpoints           RUN/adapter/        the trained LoRA adapter
+    RUN/trainer_state.json   the Trainer's log history       RUN/report.{json,md} evaluation
+    RUN/release/<stage>/     release folders (adapter, merged, gguf)
+    RUN/sft_run.json         (a preference stage) the SFT run it continued and that run's adapter hash
+    RUN/trace/               per-rank row traces (debugging data sharding; off by default)
+
+Every stage takes a RunDir (or a path it turns into one); no other module spells these names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import splits as saved_splits
+from .config import TrainConfig, field_names
+from .errors import ConfigError
+from .files import read_json, write_atomic
+
+CONFIG_FILE = "config.yaml"
+# The adapter folder carries its own copy, so an adapter copied elsewhere still names its training settings.
+ADAPTER_CONFIG_FILE = "training_config.yaml"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def read_config_file(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a YAML file a run wrote; options this version no longer has are ignored."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    return TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
+
+
+def write_config_file(path: str | Path, cfg: TrainConfig, drop: tuple[str, ...] = ()) -> Path:
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+    return write_atomic(path, yaml.safe_dump(values, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def of(cls, run: RunDir | str | Path) -> RunDir:
+        return run if isinstance(run, RunDir) else cls(Path(run).expanduser())
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # --- layout ---------------------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def manifest_file(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def splits_file(self) -> Path:
+        return self.path / "splits.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def trainer_state_file(self) -> Path:
+        return self.path / "trainer_state.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def parent_file(self) -> Path:
+        """A preference stage's record of the SFT run it continued, and that run's adapter hash."""
+        return self.path / "sft_run.json"
+
+    @property
+    def trace_dir(self) -> Path:
+        """Debug traces of which rows each process trained on (rowtrace.py; off unless asked for)."""
+        return self.path / "trace"
+
+    def release_dir(self, stage: str) -> Path:
+        return self.path / "release" / stage
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / f"checkpoint-{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """checkpoint-N folders, newest first."""
+        found = [(int(m.group(1)), p) for p in self.path.glob("checkpoint-*")
+                 if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    # --- state ----------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_file.is_file()
+
+    def read_config(self) -> TrainConfig:
+        """The resolved config the run was trained with: the one way every stage reads it."""
+        if not self.exists():
+            raise ConfigError(f"no {CONFIG_FILE} in {self.path}: is it a run directory made by "
+                              f"`fine-tune-llm train`?")
+        return read_config_file(self.config_file)
+
+    def read_config_values(self) -> dict[str, Any]:
+        """The raw values of config.yaml (checkpoint resumption compares them with the new config)."""
+        return (yaml.safe_load(self.config_file.read_text()) or {}) if self.exists() else {}
+
+    def write_config(self, cfg: TrainConfig) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return write_config_file(self.config_file, cfg)
+
+    def save_splits(self, splits: saved_splits.Splits, source: str) -> Path:
+        return saved_splits.save(self.splits_file, splits, source)
+
+    def load_splits(self) -> saved_splits.Splits:
+        """The rows training used, read back and checked against their hashes (see splits.py)."""
+        if not self.splits_file.is_file():
+            raise ConfigError(f"no {self.splits_file.name} in {self.path}: the run predates saved splits or did "
+                              f"not finish preparing its data; train it again to evaluate or release it")
+        return saved_splits.load(self.splits_file)
+
+    def split_counts(self) -> dict[str, int] | None:
+        return saved_splits.counts(self.splits_file)
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        return read_json(self.trainer_state_file)
+
+    def report(self) -> dict[str, Any] | None:
+        return read_json(self.report_json)

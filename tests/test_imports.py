@@ -1,0 +1,104 @@
+"""The package's shape: modules import downward only, no class hides inside a function, one owner per name."""
+
+import ast
+import re
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "fine_tune_llm"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every fine_tune_llm module this one imports, at top level or inside a function."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.add(target if target in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m in known and m != name}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+    assert graph["fine_tune_llm.training"], "the walker found no imports at all"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_class_is_defined_inside_a_function():
+    nested = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nested += [f"{name}.{node.name}.{c.name}" for c in ast.walk(node) if isinstance(c, ast.ClassDef)]
+    assert not nested, nested
+
+
+def test_only_the_run_directory_module_spells_the_run_layout():
+    offenders = [f"{name}:{n}" for name, path in modules().items() if name != "fine_tune_llm.run"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if '"config.yaml"' in line]
+    assert not offenders, offenders
+
+
+def test_splits_are_made_in_one_place():
+    calls = [name for name, path in modules().items() if re.search(r"\bload_splits\(cfg", path.read_text())]
+    assert calls == ["fine_tune_llm.training"], calls
+
+
+def test_cli_start_up_does_not_import_trl():
+    import subprocess
+    import sys
+
+    code = "import sys, fine_tune_llm.cli as c; c.build_parser(); print('trl' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
