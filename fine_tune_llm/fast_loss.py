@@ -13,7 +13,14 @@ same pass.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+from pathlib import Path
+
 import torch
+
+log = logging.getLogger(__name__)
 
 # fp32 scratch per chunk of rows: 2**25 floats = 128 MB (128 rows of Gemma's vocabulary). Chunks this size ran
 # fastest on CPU (fewer, larger passes; smaller ones paid per-chunk overhead).
@@ -131,11 +138,65 @@ class AnswerOnlyLossMixin:
 
 
 def wanted(loss_impl: str) -> bool:
-    """Whether the answer-only loss replaces TRL's: "auto" uses it unless TRL's fused head runs in Triton
-    (CUDA/XPU), where TRL already projects only the trained positions, in fused tiles that never hold the logits."""
+    """Whether the answer-only loss replaces TRL's; logs which loss "auto" chose and why."""
+    answer_only, why = choose(loss_impl)
+    if loss_impl == "auto":
+        log.info("loss: %s (%s)", "answer-only logits" if answer_only else "TRL's fused Triton LM head", why)
+    return answer_only
+
+
+def choose(loss_impl: str) -> tuple[bool, str]:
+    """(answer-only loss?, why). "auto" uses it unless TRL's fused head runs in Triton (CUDA/XPU), where TRL already
+    projects only the trained positions, in fused tiles that never hold the logits - and only where Triton can
+    build its kernels, since it builds them at the first loss, mid-run."""
     if loss_impl != "auto":
-        return loss_impl == "answer-logits"
+        return loss_impl == "answer-logits", f"loss_impl={loss_impl}"
     from transformers.utils import is_triton_available
 
-    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return not (gpu and is_triton_available())
+    gpu = _gpu_device()
+    if gpu is None or not is_triton_available():
+        return True, "no CUDA/XPU device" if gpu is None else "Triton not installed"
+    ready, why = triton_ready(gpu)
+    return not ready, why
+
+
+def _gpu_device() -> str | None:
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return None
+
+
+@functools.cache
+def triton_ready(device: str) -> tuple[bool, str]:
+    """Whether Triton can build kernels here, and why. Triton compiles a C launcher for every kernel at its first
+    launch, with a C compiler and Python's headers: an image without them crashes mid-run, at the first loss.
+    Without them, a tiny launch of TRL's own kernel decides (it succeeds when Triton's cache already has it)."""
+    missing = triton_build_missing()
+    if not missing:
+        return True, "C compiler and Python headers present"
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        logits = torch.zeros(2, 8, device=device)
+        selective_log_softmax(logits, torch.zeros(2, dtype=torch.long, device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure to build or launch means: do not rely on Triton
+        return False, (f"Triton cannot build kernels here ({', '.join(missing)} missing; a test launch failed: "
+                       f"{type(exc).__name__})")
+    return True, f"{', '.join(missing)} missing, but a test launch of TRL's kernel succeeded"
+
+
+def triton_build_missing() -> list[str]:
+    """What Triton's build (triton/runtime/build.py: $CC, else gcc, else clang; Python.h) would not find."""
+    import shutil
+    import sysconfig
+
+    missing = []
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        missing.append("C compiler")
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not Path(include, "Python.h").is_file():
+        missing.append(f"Python headers ({include}/Python.h)")
+    return missing

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
+from . import hardware
 from .config import TrainConfig
-from .errors import ConfigError, EnvironmentNotReady
+from .errors import ConfigError
+from .hardware import OFFLINE_HINT, check_environment, device_map, is_local  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-OFFLINE_HINT = "`fine-tune-llm demo` (or `--preset tiny`) runs offline on CPU"
 
 
 def model_source(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
@@ -73,33 +74,6 @@ def gguf_as_safetensors(folder: Path, name: str) -> str:
     return str(target)
 
 
-def is_local(cfg: TrainConfig) -> bool:
-    return cfg.base_model == "tiny-gemma" or Path(cfg.base_model).expanduser().exists()
-
-
-def check_environment(cfg: TrainConfig) -> None:
-    """Fail in seconds, with one message, when the preset cannot run here."""
-    if cfg.requires_cuda and not torch.cuda.is_available():
-        raise EnvironmentNotReady(
-            f"preset {cfg.preset!r} ({cfg.base_model}) needs a CUDA GPU and none is visible. {OFFLINE_HINT}; "
-            f"`--preset smollm2-135m` trains a real small chat model on CPU.")
-    if not is_local(cfg):
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise EnvironmentNotReady(f"{cfg.base_model} is not a local path and HF_HUB_OFFLINE=1. {OFFLINE_HINT}.")
-        _check_hub(cfg.base_model)
-
-
-def _check_hub(model_id: str) -> None:
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().model_info(model_id, timeout=10)
-    except Exception as exc:  # DNS failure, timeout, 401 gated, 404: the fix is the same message
-        raise EnvironmentNotReady(
-            f"cannot reach {model_id!r} on the Hugging Face Hub ({type(exc).__name__}). Check the network, and for "
-            f"gated models accept the licence on the model page and run `hf auth login`. {OFFLINE_HINT}.") from None
-
-
 def _refuse_pickle(source: str, cfg: TrainConfig, kwargs: dict[str, Any]) -> None:
     path = Path(source)
     if cfg.allow_pickle or "gguf_file" in kwargs or not path.is_dir():
@@ -123,7 +97,8 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def torch_dtype(cfg: TrainConfig) -> torch.dtype:
-    return getattr(torch, cfg.dtype)
+    """The float dtype this run loads and computes in: cfg.dtype, or for `auto` the one this machine runs best."""
+    return hardware.precision(cfg).torch_dtype
 
 
 def quantization_config(cfg: TrainConfig):
@@ -133,26 +108,13 @@ def quantization_config(cfg: TrainConfig):
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype(cfg),
-            # FSDP shards flat parameters of one dtype: under FSDP, store the packed 4-bit weights as the
-            # compute dtype (https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp).
-            bnb_4bit_quant_storage=torch_dtype(cfg) if _fsdp() else torch.uint8)
+            # FSDP shards flat parameters of one dtype: under FSDP, store the packed 4-bit weights in the dtype
+            # every other float weight of the run has
+            # (https://huggingface.co/docs/peft/accelerate/fsdp#use-peft-qlora-and-fsdp).
+            bnb_4bit_quant_storage=hardware.precision(cfg).fsdp_dtype if hardware.fsdp() else torch.uint8)
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
-
-
-def _fsdp() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-
-
-def device_map() -> dict[str, Any] | None:
-    if not torch.cuda.is_available():
-        return None
-    from accelerate import PartialState
-
-    if _fsdp():
-        return None  # FSDP places the shards itself
-    return {"": PartialState().local_process_index}  # one full copy per DDP process
 
 
 def load_model(cfg: TrainConfig, quantize: bool = True, dtype: torch.dtype | None = None):
@@ -163,7 +125,7 @@ def load_model(cfg: TrainConfig, quantize: bool = True, dtype: torch.dtype | Non
     _refuse_pickle(source, cfg, kwargs)
     qconfig = quantization_config(cfg) if quantize else None
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype or torch_dtype(cfg), quantization_config=qconfig, device_map=device_map(),
+        source, dtype=dtype or torch_dtype(cfg), quantization_config=qconfig, device_map=hardware.device_map(),
         attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
         use_safetensors=None if ("gguf_file" in kwargs or cfg.allow_pickle) else True, **kwargs)
     guard_cpu_4bit(model)
@@ -202,13 +164,43 @@ def add_lora(model, cfg: TrainConfig):
 
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        if cfg.dtype == "bfloat16" and not cfg.upcast_frozen:
-            keep_frozen_in(model, torch.bfloat16)
+        frozen = frozen_dtype(cfg)
+        if frozen is not None:
+            keep_frozen_in(model, frozen)
     model = get_peft_model(model, lora_config(cfg))
     guard_cpu_4bit(model)
     trainable, total = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype of the frozen float weights (embeddings, norms) after peft's fp32 upcast, None to keep fp32:
+    bf16 runs keep them in bf16 unless cfg.upcast_frozen; under FSDP they join the run's one FSDP dtype."""
+    p = hardware.precision(cfg)
+    if hardware.fsdp():
+        return p.fsdp_dtype
+    return torch.bfloat16 if p.dtype == "bfloat16" and not cfg.upcast_frozen else None
+
+
+def restore_trainable_dtype(model: torch.nn.Module, cfg: TrainConfig) -> int:
+    """Call once TRL's SFTTrainer is built, before it trains: give the LoRA weights back the run's trainable dtype.
+
+    TRL 1.16 casts every trainable parameter of a quantized model to bf16 in SFTTrainer.__init__
+    (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"; it would pass
+    autocast_adapter_dtype=False instead, which peft does not support for quantized models:
+    https://github.com/huggingface/peft/issues/2889). fp16 training then dies at the first optimizer step: the
+    GradScaler cannot unscale bf16 gradients. fp16 and fp32 runs get fp32 LoRA weights back; bf16 runs keep bf16.
+    The optimizer is created when training starts, so it sees the restored weights. Returns how many were cast."""
+    target = hardware.precision(cfg).trainable_dtype
+    if target == torch.bfloat16:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.bfloat16:
+            p.data = p.data.to(target)
+            n += 1
+    return n
 
 
 def keep_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
