@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
-import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,108 +14,142 @@ import yaml
 
 from .errors import ConfigError
 
+
+def option(default: Any, help: str, factory: bool = False) -> Any:
+    """A config field whose help text (why the default is what it is) is what `--help` prints."""
+    if factory:
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run. Each field's help says why its default is what it is (`train --help` shows it)."""
+
     # --- what to tune -------------------------------------------------------------------------------
-    # Name of the preset these values came from; recorded so a run directory says how it was made.
-    preset: str = "gemma-2b-it"
-    # The worked example: Gemma's 2B instruction model is small enough for one T4 in 4-bit, and already
-    # chats, so the adapter only has to move its tone, not teach it to converse.
-    base_model: str = "google/gemma-2b-it"
-    # A .gguf file inside base_model (a directory) when the weights come as GGUF; None for safetensors.
-    gguf_file: str | None = None
-    # gemma-2b-it is gated on the Hub and its 4-bit kernels are fast only on CUDA: say so up front
-    # instead of failing half an hour into a CPU run.
-    requires_cuda: bool = True
-    # Pickled .bin checkpoints can run code on load; only safetensors unless the user opts in.
-    allow_pickle: bool = False
-    # Remote code runs arbitrary Python from a Hub repo; no model we use needs it.
-    trust_remote_code: bool = False
+    preset: str = option("gemma-2b-it", help=(
+        "Name of the preset these values came from; recorded so a run directory says how it was made."))
+    base_model: str = option("google/gemma-2b-it", help=(
+        "The worked example: Gemma's 2B instruction model is small enough for one T4 in 4-bit, and "
+        "already chats, so the adapter only has to move its tone, not teach it to converse."))
+    gguf_file: str | None = option(None, help=(
+        "A .gguf file inside base_model (a directory) when the weights come as GGUF; None for "
+        "safetensors."))
+    requires_cuda: bool = option(True, help=(
+        "gemma-2b-it is gated on the Hub and its 4-bit kernels are fast only on CUDA: say so up front "
+        "instead of failing half an hour into a CPU run."))
+    allow_pickle: bool = option(False, help=(
+        "Pickled .bin checkpoints can run code on load; only safetensors unless the user opts in."))
+    trust_remote_code: bool = option(False, help=(
+        "Remote code runs arbitrary Python from a Hub repo; no model we use needs it."))
 
     # --- data ---------------------------------------------------------------------------------------
-    # The psychology preference set: response_j (empathetic) is trained on, response_k kept for eval.
-    dataset: str = "jkhedri/psychology-dataset"
-    # Test mode: keep only the first N rows after the seeded shuffle (None = all rows).
-    data_samples: int | None = None
-    # 10% / 10% of distinct questions leaves ~1,000 rows each for stable eval loss and preference accuracy.
-    val_fraction: float = 0.1
-    # The test split is never trained on nor used for model selection: the before/after report uses it.
-    test_fraction: float = 0.1
-    # Gemma's template refuses a system role, so a system prompt is folded into the first user turn.
-    system_prompt: str | None = None
-    # The real answers average ~270 characters (~70 tokens); 512 tokens keeps >99% of rows whole.
-    max_length: int = 512
+    dataset: str = option("jkhedri/psychology-dataset", help=(
+        "The psychology preference set: response_j (empathetic) is trained on, response_k kept for "
+        "eval."))
+    data_samples: int | None = option(None, help=(
+        "Test mode: keep only the first N rows after the seeded shuffle (None = all rows)."))
+    val_fraction: float = option(0.1, help=(
+        "10% / 10% of distinct questions leaves ~1,000 rows each for stable eval loss and preference "
+        "accuracy."))
+    test_fraction: float = option(0.1, help=(
+        "The test split is never trained on nor used for model selection: the before/after report "
+        "uses it."))
+    system_prompt: str | None = option(None, help=(
+        "Gemma's template refuses a system role, so a system prompt is folded into the first user "
+        "turn."))
+    max_length: int = option(512, help=(
+        "The real answers average ~270 characters (~70 tokens); 512 tokens keeps >99% of rows whole."))
 
     # --- quantization and LoRA ----------------------------------------------------------------------
-    # QLoRA: NF4 with double quantization stores 2B weights in ~1.5 GB; "8bit" and "none" for ablations.
-    quantization: str = "4bit"
-    # r=16 is the QLoRA paper's sweet spot for 2B-7B models; alpha=2r keeps the update scale at 2.
-    lora_r: int = 16
-    # alpha = 2r: the LoRA update is scaled by alpha/r = 2, the common QLoRA setting.
-    lora_alpha: int = 32
-    # Light regularisation for a ~8k-row dataset; 0 on CPU where dropout masks dominate step time.
-    lora_dropout: float = 0.05
-    # Every linear projection: the QLoRA paper found attention-only LoRA loses quality.
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    quantization: str = option("4bit", help=(
+        "QLoRA: NF4 with double quantization stores 2B weights in ~1.5 GB; \"8bit\" and \"none\" for "
+        "ablations."))
+    lora_r: int = option(16, help=(
+        "r=16 is the QLoRA paper's sweet spot for 2B-7B models; alpha=2r keeps the update scale at 2."))
+    lora_alpha: int = option(32, help=(
+        "alpha = 2r: the LoRA update is scaled by alpha/r = 2, the common QLoRA setting."))
+    lora_dropout: float = option(0.05, help=(
+        "Light regularisation for a ~8k-row dataset; 0 on CPU where dropout masks dominate step time."))
+    target_modules: list[str] = option(ALL_LINEAR, factory=True, help=(
+        "Every linear projection: the QLoRA paper found attention-only LoRA loses quality."))
 
     # --- optimisation -------------------------------------------------------------------------------
-    # 2e-4 is the QLoRA paper's rate for small models; LoRA tolerates 10x a full fine-tune's rate.
-    learning_rate: float = 2e-4
-    # One epoch: the answers are formulaic, and a second epoch mostly memorises them.
-    num_epochs: float = 1.0
-    # -1 = run the epochs; a positive number caps steps (tests, demos, benchmarks).
-    max_steps: int = -1
-    # 4 x 4 = 16 sequences per optimizer step fits a T4's 16 GB with gradient checkpointing.
-    batch_size: int = 4
-    # Accumulate to 16 sequences per update without the memory of batch 16.
-    grad_accum: int = 4
-    # A short warm-up keeps the first updates of freshly initialised LoRA B matrices small.
-    warmup_ratio: float = 0.03
-    # Cosine decay ends near zero, so the last steps polish rather than jump.
-    lr_scheduler: str = "cosine"
-    # Clipping at 1.0 is the Hugging Face default and guards against a single long-answer spike.
-    max_grad_norm: float = 1.0
-    # paged 8-bit AdamW is QLoRA's optimizer: optimizer state stays small and spills to CPU on spikes.
-    optim: str = "paged_adamw_8bit"
-    # auto: bf16 on GPUs with bf16 tensor cores (sm_80+) and on CPU (AMX bf16 matmuls run 3-4x faster than
-    # fp32), fp16 with fp32 LoRA weights on older GPUs (T4), where bf16 is only emulated.
-    dtype: str = "auto"
-    # Trades ~30% speed for activation memory; needed for batch 4 x 512 on a 16 GB GPU.
-    gradient_checkpointing: bool = True
-    # Concatenate examples without padding (position ids keep them apart): no compute spent on padding.
-    padding_free: bool = True
-    # "sdpa" is fastest on GPU; eager is faster on CPU for short sequences (see benchmarks/).
-    attn_implementation: str = "sdpa"
-    # Where the loss's LM head runs. "answer-logits": only at trained (answer) positions, chunked fp32
-    # cross-entropy (fast_loss.py); "trl": TRL's fused head; "auto": TRL's where it runs in Triton (CUDA/XPU,
-    # already answer-only there), answer-logits elsewhere. On CPU TRL's head scores every position and adds
-    # full-vocabulary entropy: answer-logits made steps 3.7x faster, same loss (benchmarks/train_throughput.py).
-    loss_impl: str = "auto"
-    # peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings = the tied LM
-    # head, norms) to fp32, so each step re-casts them to bf16: false keeps them in bf16 (bf16 compute only;
-    # fp16 keeps the upcast for range). Measured on CPU: 1.1-1.2x faster, 0.55 GB less peak memory, same loss.
-    upcast_frozen: bool = False
+    learning_rate: float = option(2e-4, help=(
+        "2e-4 is the QLoRA paper's rate for small models; LoRA tolerates 10x a full fine-tune's rate."))
+    num_epochs: float = option(1.0, help=(
+        "One epoch: the answers are formulaic, and a second epoch mostly memorises them."))
+    max_steps: int = option(-1, help=(
+        "-1 = run the epochs; a positive number caps steps (tests, demos, benchmarks)."))
+    batch_size: int = option(4, help=(
+        "4 x 4 = 16 sequences per optimizer step fits a T4's 16 GB with gradient checkpointing."))
+    grad_accum: int = option(4, help=(
+        "Accumulate to 16 sequences per update without the memory of batch 16."))
+    warmup_ratio: float = option(0.03, help=(
+        "A short warm-up keeps the first updates of freshly initialised LoRA B matrices small."))
+    lr_scheduler: str = option("cosine", help=(
+        "Cosine decay ends near zero, so the last steps polish rather than jump."))
+    max_grad_norm: float = option(1.0, help=(
+        "Clipping at 1.0 is the Hugging Face default and guards against a single long-answer spike."))
+    optim: str = option("paged_adamw_8bit", help=(
+        "paged 8-bit AdamW is QLoRA's optimizer: optimizer state stays small and spills to CPU on "
+        "spikes."))
+    dtype: str = option("auto", help=(
+        "auto: bf16 on GPUs with bf16 tensor cores (sm_80+) and on CPU (AMX bf16 matmuls run 3-4x "
+        "faster than fp32), fp16 with fp32 LoRA weights on older GPUs (T4), where bf16 is only emulated."))
+    gradient_checkpointing: bool = option(True, help=(
+        "Trades ~30% speed for activation memory; needed for batch 4 x 512 on a 16 GB GPU."))
+    padding_free: bool = option(True, help=(
+        "Concatenate examples without padding (position ids keep them apart): no compute spent on "
+        "padding."))
+    attn_implementation: str = option("sdpa", help=(
+        "\"sdpa\" is fastest on GPU; eager is faster on CPU for short sequences (see benchmarks/)."))
+    loss_impl: str = option("auto", help=(
+        "Where the loss's LM head runs. \"answer-logits\": only at trained (answer) positions, chunked "
+        "fp32 cross-entropy (fast_loss.py); \"trl\": TRL's fused head; \"auto\": TRL's where it runs in "
+        "Triton (CUDA/XPU, already answer-only there), answer-logits elsewhere. On CPU TRL's head "
+        "scores every position and adds full-vocabulary entropy: answer-logits made steps 3.7x "
+        "faster, same loss (benchmarks/train_throughput.py)."))
+    upcast_frozen: bool = option(False, help=(
+        "peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings = "
+        "the tied LM head, norms) to fp32, so each step re-casts them to bf16: false keeps them in "
+        "bf16 (bf16 compute only; fp16 keeps the upcast for range). Measured on CPU: 1.1-1.2x faster, "
+        "0.55 GB less peak memory, same loss."))
+
+    # --- preference stage --------------------------------------------------------------------------
+    stage: str = option("sft", help=(
+        "sft trains on the chosen answers (response_j), the recipe's default; dpo continues an SFT run's adapter "
+        "on (chosen, rejected) pairs with TRL's DPOTrainer, the reference policy being that SFT model."))
+    sft_run: str | None = option(None, help=(
+        "The SFT run a dpo stage continues: its adapter, its saved split (so no test question is trained on by "
+        "either stage) and its settings."))
+    loss_type: str = option("sigmoid", help=(
+        "sigmoid is DPO's own loss (Rafailov et al. 2023), the best-studied; ipo (Azar et al. 2023) regresses "
+        "the per-token log-ratio margin to 1/(2 beta) instead of pushing it without bound."))
+    beta: float = option(0.1, help=(
+        "How far the policy may move from the SFT reference: 0.1 is the DPO paper's and TRL's default; lower lets "
+        "it move further (and learn length more easily)."))
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------------
-    # ~600 optimizer steps per epoch on the full data: 10 / 50 gives smooth curves and 12 evals.
-    logging_steps: int = 10
-    # Evaluate as often as we checkpoint, so each checkpoint has an eval loss.
-    eval_steps: int = 50
-    # A checkpoint every 50 steps (~5 min on a T4) bounds what a crash can cost.
-    save_steps: int = 50
-    # Keep a few checkpoints: enough to fall back past a corrupt one, not enough to fill a disk.
-    save_total_limit: int = 3
-    # One seed drives shuffling, the split, LoRA init and dropout: same seed, same run.
-    seed: int = 42
-    # The run directory: config, logs, checkpoints, adapter and report all live here.
-    output_dir: str = "runs/gemma-2b-it-psych"
-    # Where TensorBoard scalars are exported as CSV, shared by all runs so they compare over time.
-    metrics_dir: str = "metrics"
-    # Where loss plots go (one PNG per run).
-    imgs_dir: str = "imgs"
+    logging_steps: int = option(10, help=(
+        "~600 optimizer steps per epoch on the full data: 10 / 50 gives smooth curves and 12 evals."))
+    eval_steps: int = option(50, help=(
+        "Evaluate as often as we checkpoint, so each checkpoint has an eval loss."))
+    save_steps: int = option(50, help=(
+        "A checkpoint every 50 steps (~5 min on a T4) bounds what a crash can cost."))
+    save_total_limit: int = option(3, help=(
+        "Keep a few checkpoints: enough to fall back past a corrupt one, not enough to fill a disk."))
+    seed: int = option(42, help=(
+        "One seed drives shuffling, the split, LoRA init and dropout: same seed, same run."))
+    output_dir: str = option("runs/gemma-2b-it-psych", help=(
+        "The run directory: config, logs, checkpoints, adapter and report all live here."))
+    metrics_dir: str = option("metrics", help=(
+        "Where TensorBoard scalars are exported as CSV, shared by all runs so they compare over time."))
+    imgs_dir: str = option("imgs", help=(
+        "Where loss plots go (one PNG per run)."))
 
     @property
     def run_name(self) -> str:
@@ -121,9 +157,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -172,37 +205,106 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Turn a CLI/YAML value into the field's type; errors name the option."""
-    ftype = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    if value is None or not isinstance(value, str):
+# --- flags: transformers' HfArgumentParser reads the dataclass (types, defaults, help) --------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """One flag per TrainConfig field (--learning-rate and --learning_rate), typed by its annotation, with its
+    help, type and default shown. Defaults are suppressed so only the flags given override preset and YAML."""
+    from transformers import HfArgumentParser
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        before = len(parser._group_actions if hasattr(parser, "_group_actions") else parser._actions)
+        typed = copy.copy(f)
+        typed.type = hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        HfArgumentParser._parse_dataclass_field(parser, typed)
+        actions = (parser._group_actions if hasattr(parser, "_group_actions") else parser._actions)[before:]
+        for action in actions:
+            action.option_strings.sort(key=lambda o: "_" in o)  # show --learning-rate first
+            is_negation = action.option_strings[0].startswith("--no")
+            text = (f"turn {f.name} off" if is_negation else
+                    f"{f.metadata['help']} [{_type_name(hints[f.name])}; default: {_show(default)}]")
+            action.help = text.replace("%", "%%")  # argparse formats help with %
+            action.default = argparse.SUPPRESS
+            if action.type is not None:
+                action.type = _named(f.name, action.type, hints[f.name])
+            action.metavar = None if action.nargs == 0 else f.name.upper()
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def _named(name: str, convert: Any, hint: Any):
+    """The parser's own converter, with an error that names the option."""
+    def read(text: str):
+        if isinstance(text, str) and text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+            return None
+        try:
+            return convert(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"option {name!r}: cannot read {text!r} as {_type_name(hint)}") from None
+    read.__name__ = getattr(convert, "__name__", name)
+    return read
+
+
+def _converters() -> dict[str, Any]:
+    """field name -> the converter its flag uses: YAML and notebook values go through the same ones."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parser)
+    return {a.dest: (a.type, a.nargs) for a in parser._actions if a.type is not None}
+
+
+def coerce(name: str, value: Any, converters: dict[str, Any]) -> Any:
+    """A YAML or keyword value as the field's type, with the flag's converter; errors name the option."""
+    if not isinstance(value, str) or name not in converters:
         return value
-    if value.lower() in ("none", "null") and "None" in str(ftype):
-        return None
+    convert, nargs = converters[name]
     try:
-        if "list" in str(ftype):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if "bool" in str(ftype):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if "int" in str(ftype):
-            return int(value)
-        if "float" in str(ftype):
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"option {name!r}: cannot read {value!r} as {ftype}") from None
-    return value
+        if nargs == "+":  # a list option given as one string: "q_proj,v_proj"
+            return [convert(v.strip()) for v in value.split(",") if v.strip()]
+        return convert(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+LOSS_TYPES = ("sigmoid", "ipo")
+# Values a dpo stage starts from, over the SFT run's settings (each keyed by preset; None = every preset).
+STAGE_DEFAULTS: dict[str, dict[str | None, dict[str, Any]]] = {
+    "dpo": {
+        # LoRA DPO moves an already tuned adapter: ~1/10 of the SFT rate (TRL's 1e-6 is for full fine-tunes,
+        # where every weight moves); a tenth of the steps warm up so the first updates stay near the reference.
+        None: {"learning_rate": 2e-5, "warmup_ratio": 0.1, "num_epochs": 1.0, "max_steps": -1},
+        # The tiny model is far from its preferences: a large rate shows the stage working in seconds.
+        "tiny": {"learning_rate": 5e-3, "max_steps": 20, "warmup_ratio": 0.0},
+    },
+}
+# What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
+INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
+             "data_samples", "val_fraction", "test_fraction", "system_prompt", "max_length", "quantization", "lora_r",
+             "lora_alpha", "target_modules", "seed")
 
 
 def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None,
-                **overrides: Any) -> TrainConfig:
-    """Preset, then YAML file, then explicit overrides (CLI flags or notebook parameters)."""
+                base: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """Preset (or `base`: an SFT run's values a preference stage continues), then the stage's defaults, then the
+    YAML file, then explicit overrides (CLI flags or notebook parameters)."""
+    if base is not None:
+        preset = base.get("preset", preset)
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
+    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]} if base is None else dict(base)
+    stage = overrides.get("stage") or values.get("stage", "sft")
+    defaults = STAGE_DEFAULTS.get(stage, {})
+    values.update({**defaults.get(None, {}), **defaults.get(preset, {})})
     if yaml_file is not None:
         path = Path(yaml_file)
         if not path.is_file():
@@ -210,48 +312,48 @@ def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value")
-        if "preset" in loaded and loaded["preset"] != preset:
+        if "preset" in loaded and loaded["preset"] != preset and base is None:
             return make_config(loaded["preset"], yaml_file, **overrides)
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(unknown)}; valid options: {', '.join(field_names())}")
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    converters = _converters()
+    cfg = TrainConfig(**{k: coerce(k, v, converters) for k, v in values.items()})
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
+    """Each check names the option(s) and the values that are wrong."""
     checks = [
-        (cfg.quantization in ("4bit", "8bit", "none"), "quantization", "one of 4bit, 8bit, none"),
-        (cfg.dtype in ("auto", "bfloat16", "float16", "float32"), "dtype",
+        (cfg.quantization in ("4bit", "8bit", "none"), ["quantization"], "one of 4bit, 8bit, none"),
+        (cfg.dtype in ("auto", "bfloat16", "float16", "float32"), ["dtype"],
          "one of auto, bfloat16, float16, float32"),
-        (cfg.lora_r > 0, "lora_r", "a positive integer"),
-        (0 <= cfg.lora_dropout < 1, "lora_dropout", "in [0, 1)"),
-        (cfg.max_length >= 16, "max_length", "at least 16"),
-        (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size/grad_accum", "positive"),
-        (cfg.data_samples is None or cfg.data_samples > 0, "data_samples", "positive or None"),
-        (0 <= cfg.val_fraction < 1 and 0 <= cfg.test_fraction < 1
-         and cfg.val_fraction + cfg.test_fraction < 1, "val_fraction/test_fraction", "fractions summing below 1"),
-        (cfg.learning_rate > 0, "learning_rate", "positive"),
-        (cfg.attn_implementation in ("eager", "sdpa", "flash_attention_2"), "attn_implementation",
+        (cfg.lora_r > 0, ["lora_r"], "a positive integer"),
+        (0 <= cfg.lora_dropout < 1, ["lora_dropout"], "in [0, 1)"),
+        (cfg.max_length >= 16, ["max_length"], "at least 16"),
+        (cfg.batch_size > 0, ["batch_size"], "positive"),
+        (cfg.grad_accum > 0, ["grad_accum"], "positive"),
+        (cfg.data_samples is None or cfg.data_samples > 0, ["data_samples"], "positive or None"),
+        (0 <= cfg.val_fraction < 1, ["val_fraction"], "in [0, 1)"),
+        (0 <= cfg.test_fraction < 1, ["test_fraction"], "in [0, 1)"),
+        (cfg.val_fraction + cfg.test_fraction < 1, ["val_fraction", "test_fraction"],
+         "fractions summing below 1, leaving rows to train on"),
+        (cfg.learning_rate > 0, ["learning_rate"], "positive"),
+        (cfg.attn_implementation in ("eager", "sdpa", "flash_attention_2"), ["attn_implementation"],
          "one of eager, sdpa, flash_attention_2"),
-        (cfg.loss_impl in ("auto", "answer-logits", "trl"), "loss_impl", "one of auto, answer-logits, trl"),
+        (cfg.loss_impl in ("auto", "answer-logits", "trl"), ["loss_impl"], "one of auto, answer-logits, trl"),
+        (cfg.stage in ("sft", "dpo"), ["stage"], "one of sft, dpo"),
+        (cfg.stage != "dpo" or bool(cfg.sft_run), ["stage", "sft_run"], "paired: --stage dpo needs --sft-run RUN_DIR"),
+        (cfg.loss_type in LOSS_TYPES, ["loss_type"], f"one of {', '.join(LOSS_TYPES)}"),
+        (cfg.beta > 0, ["beta"], "positive"),
     ]
-    for ok, name, want in checks:
+    for ok, names, want in checks:
         if not ok:
-            raise ConfigError(f"option {name!r} must be {want}; got {getattr(cfg, name, None)!r}")
+            got = ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names)
+            raise ConfigError(f"option {'/'.join(repr(n) for n in names)} must be {want}; got {got}")
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The resolved config a run wrote (config.yaml), for evaluation and release."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no config.yaml in {run_dir}: is it a run directory made by `fine-tune-llm train`?")
-    values = yaml.safe_load(path.read_text())
-    return TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
-
-
-def describe(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
+__all__ = ["PRESETS", "TrainConfig", "add_config_arguments", "field_names", "make_config", "validate"]

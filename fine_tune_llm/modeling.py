@@ -41,7 +41,7 @@ def gguf_as_safetensors(folder: Path, name: str) -> str:
     import shutil
     import tempfile
 
-    from .tiny import cache_root
+    from .files import cache_root
 
     source = Path(folder).expanduser() / name
     if not source.is_file():
