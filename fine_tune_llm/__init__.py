@@ -16,7 +16,7 @@ _OWNERS = {
     "TrainConfig": "config", "PRESETS": "config", "make_config": "config",
     "RunDir": "run",
     "load_tokenizer": "modeling", "load_model": "modeling", "add_lora": "modeling",
-    "check_environment": "modeling",
+    "check_environment": "hardware",
     "prepare_data": "training", "train": "training", "TrainResult": "training",
     "export_run": "metrics",
     "evaluate_run": "evaluation", "load_for_eval": "evaluation",

@@ -28,19 +28,37 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", dest="resume", action="store_const", const=True, default=None,
                    help="continue from the last complete checkpoint (default: automatic when one exists)")
     g.add_argument("--no-resume", dest="resume", action="store_const", const=False, help="start fresh")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the expected peak GPU memory of this config (and whether it fits this GPU), then stop")
     add_config_arguments(p.add_argument_group("training options (each overrides the preset and --config)"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {name: getattr(args, name) for name in field_names() if name != "preset" and hasattr(args, name)}
+    if overrides.get("stage") == "dpo":  # the preference stage starts from its SFT run's settings
+        from .stages import preference_config
+
+        if not overrides.get("sft_run"):
+            raise FineTuneError("--stage dpo needs --sft-run RUN_DIR: the SFT run whose adapter it continues")
+        return preference_config(overrides.pop("sft_run"), args.config, **overrides)
     return make_config(args.preset, args.config, **overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Fine-tune with QLoRA: data -> 4-bit model + LoRA -> adapter, logs, metrics in the run directory."""
-    from .training import is_main_process, train
-
+    """Fine-tune with QLoRA (--stage sft, the default) or continue an SFT run on preference pairs (--stage dpo)."""
     cfg = config_from_args(args)
+    if args.dry_run:
+        from .hardware import visible_gpu_bytes
+        from .memory_estimate import dry_run
+
+        print(dry_run(cfg).summary(visible_gpu_bytes()))
+        return 0
+    if cfg.stage == "dpo":
+        from .preference import train_preference as train
+    else:
+        from .training import train
+    from .training import is_main_process
+
     t0 = time.time()
     result = train(cfg, resume=args.resume)
     if is_main_process():  # under `accelerate launch`, one report, not one per process

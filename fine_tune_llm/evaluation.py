@@ -1,30 +1,32 @@
-"""Before/after evaluation of a run: base model vs base + adapter, on the held-out test split.
+"""Before/after evaluation of a run on its saved held-out test split: the base model and each tuned stage
+(SFT; SFT+DPO for a preference run), compared as users run them.
 
-One model is loaded; the base numbers come from the same weights with the adapter switched off
-(PeftModel.disable_adapter), so base and tuned see the same quantization, data, tokens and settings.
+One model is loaded: the base weights as released (unquantized, float32 compute) with each stage's adapter on
+top, switched per column; the base column has every adapter off. So every column sees the same weights, data,
+tokens and settings, and the tuned columns are what the merged release computes. `quantized=True` scores the
+4-bit base training saw instead, labelled as such.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .generation import generate_answers
-from .modeling import check_environment, guard_cpu_4bit, load_model, load_tokenizer
+from .hardware import check_environment
+from .modeling import guard_cpu_4bit, load_model, load_tokenizer
 from .run import RunDir
+from .stages import parent_of
 from .scoring import language_metrics, preference_metrics, score_answers
 
 log = logging.getLogger(__name__)
-# Compared base vs tuned in report["deltas"] (tuned minus base).
-METRIC_KEYS = ["perplexity", "bits_per_byte", "loss", "accuracy_normalized", "accuracy_sum", "mean_margin",
-               "mean_margin_sum"]
-
-
 # float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
 # evaluation numbers must not depend on the batch size.
 EVAL_DTYPE = "float32"
@@ -88,17 +90,77 @@ def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], 
     return metrics
 
 
-def compare_generations(model, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
+@dataclass
+class Columns:
+    """One model in memory, several columns of the report: the base (adapters off) and each tuned stage (its
+    adapter on). Every column sees the same base weights, data, tokens and settings."""
+
+    model: Any
+    names: list[str]  # "base", then "sft" for a preference run, then "tuned" (the run's own adapter)
+    labels: dict[str, str]
+    weights: str  # which base weights and compute, said in the report
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        if name == "base":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(name)
+            yield self.model
+
+
+def load_columns(run: RunDir, cfg: TrainConfig, quantized: bool = False) -> Columns:
+    """Base as released (unquantized weights, float32 compute) and each stage's adapter on it: what a user runs
+    (the merged model is exactly this). quantized=True scores the 4-bit base training saw instead, labelled so."""
+    import torch
+    from peft import PeftModel
+
+    sft = parent_of(run) if cfg.stage == "dpo" else None
+    adapters = ([("sft", sft.adapter_dir)] if sft else []) + [("tuned", run.adapter_dir)]
+    for _, folder in adapters:
+        if not (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"no adapter in {folder} (adapter_config.json missing): did training finish?")
+    base = load_model(dataclasses.replace(cfg, dtype=EVAL_DTYPE), quantize=quantized, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapters[0][1]), adapter_name=adapters[0][0], is_trainable=False)
+    for name, folder in adapters[1:]:
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    guard_cpu_4bit(model)
+    model.eval()
+    tuned = {"sft": "SFT+DPO" if sft else "SFT", "dpo": "SFT+DPO"}.get(cfg.stage, "tuned")
+    labels = {"base": "base", **({"sft": "SFT"} if sft else {}), "tuned": tuned}
+    weights = ("4-bit NF4 base as trained (quantized view), float32 compute" if quantized and cfg.quantization != "none"
+               else "base weights as released (unquantized), float32 compute")
+    return Columns(model, ["base", *[n for n, _ in adapters]], labels, weights)
+
+
+def compare_generations(columns: Columns, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
                         system_prompt: str | None, seed: int, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """Greedy and sampled answers from base (adapter off) and tuned, with the same settings and seed."""
+    """Greedy and sampled answers from every column, with the same settings and seed."""
     out: dict[str, list[dict[str, Any]]] = {}
     for mode, sample in (("greedy", False), ("sampled", True)):
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
-                      "system_prompt": system_prompt, "progress": progress}
-        with model.disable_adapter():
-            base = generate_answers(model, tokenizer, questions, **kwargs)
-        tuned = generate_answers(model, tokenizer, questions, **kwargs)
-        out[mode] = [{"question": q, "base": _strip(b), "tuned": _strip(t)} for q, b, t in zip(questions, base, tuned)]
+                  "system_prompt": system_prompt, "progress": progress}
+        answers = {}
+        for name in columns.names:
+            with columns.use(name) as model:
+                answers[name] = generate_answers(model, tokenizer, questions, **kwargs)
+        out[mode] = [{"question": q, **{name: _strip(answers[name][i]) for name in columns.names}}
+                     for i, q in enumerate(questions)]
+    return out
+
+
+def length_summary(generations: dict[str, list[dict[str, Any]]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per column, from the greedy answers: mean generated tokens and how many ended their turn by themselves.
+    A preference stage can learn "longer" instead of "kinder" (the chosen answer is the longer one in ~99% of
+    the psychology pairs): this is where a reader sees it."""
+    rows = generations.get("greedy", [])
+    out = {}
+    for name in names:
+        answers = [g[name] for g in rows]
+        out[name] = {"answers": len(answers),
+                     "mean_new_tokens": sum(a["new_tokens"] for a in answers) / len(answers) if answers else None,
+                     "ended_turn": sum(not a["hit_max_tokens"] for a in answers)}
     return out
 
 
@@ -106,32 +168,32 @@ def _strip(answer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in answer.items() if k != "question"}
 
 
-def deltas(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
-    return {k: tuned[k] - base[k] for k in METRIC_KEYS if k in base and k in tuned}
-
-
 def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
-                 progress: bool = True) -> dict[str, Any]:
-    """Evaluate base vs tuned on the run's held-out split; write report.json, report.md and a runs.csv row."""
+                 progress: bool = True, quantized: bool = False) -> dict[str, Any]:
+    """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row."""
     from .report import append_runs_csv, build_report, write_report
 
     t0 = time.time()
     run = RunDir.of(run_dir)
     cfg = run.read_config()
-    check_environment(cfg)
+    check_environment(cfg, purpose="evaluate")
     rows = eval_rows(run, split)
-    model, tokenizer = load_for_eval(cfg, run.adapter_dir, dtype=EVAL_DTYPE)
-    with model.disable_adapter():
-        base = score_model(model, tokenizer, cfg, rows, batch_size, label="base", seed=seed, progress=progress)
-    tuned = score_model(model, tokenizer, cfg, rows, batch_size, label="tuned", seed=seed, progress=progress)
+    columns = load_columns(run, cfg, quantized)
+    tokenizer = load_tokenizer(cfg)
+    metrics = {}
+    for name in columns.names:
+        with columns.use(name) as model:
+            metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name], seed=seed,
+                                        progress=progress)
     questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
-    generations = compare_generations(model, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
+    generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
                                       seed, progress) if questions else {}
     settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
-                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
-                "sampling": _sampling_settings(model)}
-    report = build_report(run, cfg, settings, base, tuned, deltas(base, tuned), generations, time.time() - t0)
+                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE, "weights": columns.weights,
+                "quantized": quantized, "sampling": _sampling_settings(columns.model)}
+    report = build_report(run, cfg, settings, metrics, columns.labels, generations,
+                          length_summary(generations, columns.names), time.time() - t0)
     write_report(run, report)
     append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
     return report

@@ -23,21 +23,27 @@ RUNS_COLUMNS = [
 ]
 
 
-def build_report(run: RunDir, cfg: TrainConfig, settings: dict[str, Any], base: dict[str, Any],
-                 tuned: dict[str, Any], deltas: dict[str, float], generations: dict[str, list[dict[str, Any]]],
-                 wall_seconds: float) -> dict[str, Any]:
+def build_report(run: RunDir, cfg: TrainConfig, settings: dict[str, Any], metrics: dict[str, dict[str, Any]],
+                 labels: dict[str, str], generations: dict[str, list[dict[str, Any]]],
+                 lengths: dict[str, dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """metrics, labels and lengths are keyed by column: "base", ("sft",) "tuned" (the run's own adapter)."""
+    base, tuned = metrics["base"], metrics["tuned"]
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": run.name,
         "run_dir": str(run.path),
         "base_model": cfg.base_model,
+        "stage": cfg.stage,
         "adapter": str(run.adapter_dir),
         "global_step": (run.trainer_state() or {}).get("global_step"),
         "settings": settings,
-        "metrics": {"base": base, "tuned": tuned},
-        "deltas": deltas,
+        "columns": labels,
+        "metrics": metrics,
+        "deltas": deltas(base, tuned),
+        **({"deltas_vs_sft": deltas(metrics["sft"], tuned)} if "sft" in metrics else {}),
+        "generation_lengths": lengths,
         "generations": generations,
-        "hit_max_tokens": {mode: {who: sum(g[who]["hit_max_tokens"] for g in rows) for who in ("base", "tuned")}
+        "hit_max_tokens": {mode: {who: sum(g[who]["hit_max_tokens"] for g in rows) for who in labels}
                            for mode, rows in generations.items()},
         "config": cfg.to_dict(),
         "libraries": library_versions(),
@@ -45,6 +51,15 @@ def build_report(run: RunDir, cfg: TrainConfig, settings: dict[str, Any], base: 
         "hardware": hardware(),
         "wall_seconds": round(wall_seconds, 2),
     }
+
+
+# Compared in report["deltas"] (tuned minus base).
+DELTA_KEYS = ["perplexity", "bits_per_byte", "loss", "accuracy_normalized", "accuracy_sum", "mean_margin",
+              "mean_margin_sum"]
+
+
+def deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in DELTA_KEYS if k in before and k in after}
 
 
 def write_report(run: RunDir, report: dict[str, Any]) -> tuple[Path, Path]:
@@ -76,31 +91,41 @@ METRIC_ROWS = [
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    base, tuned, delta = report["metrics"]["base"], report["metrics"]["tuned"], report["deltas"]
-    s = report["settings"]
+    labels = report.get("columns") or {"base": "base", "tuned": "tuned"}
+    m, s = report["metrics"], report["settings"]
+    base = m["base"]
+    names = list(labels)
     lines = [
         f"# Evaluation of `{report['run']}`",
         "",
-        (f"Base model `{report['base_model']}` vs base + adapter (`{report['adapter']}`, step "
-        f"{report['global_step']}), on the held-out **{s['split']}** split: {base['answers']} answers, "
-        f"{base.get('pairs', 0)} preference pairs. Batch size {s['batch_size']}, {s['compute_dtype']} compute."),
+        (f"Base model `{report['base_model']}` and " + " / ".join(labels[n] for n in names[1:])
+         + f" (`{report['adapter']}`, step {report['global_step']}), on the held-out **{s['split']}** split: "
+         f"{base['answers']} answers, {base.get('pairs', 0)} preference pairs. Weights: "
+         f"{s.get('weights', 'as configured')}; batch size {s['batch_size']}."),
         "",
-        "| metric | base | tuned | delta |",
-        "|---|---|---|---|",
+        "| metric | " + " | ".join(labels[n] for n in names) + " |",
+        "|---|" + "---|" * len(names),
     ]
     for key, label in METRIC_ROWS:
         if key in base:
-            lines.append(f"| {label} | {_fmt(base[key])} | {_fmt(tuned[key])} | {_fmt(delta.get(key))} |")
+            lines.append(f"| {label} | " + " | ".join(_fmt(m[n].get(key)) for n in names) + " |")
     if base.get("pairs"):
-        lines.append(f"| Mean margin 95% CI (bootstrap) | {_ci(base)} | {_ci(tuned)} | |")
+        lines.append("| Mean margin 95% CI (bootstrap) | " + " | ".join(_ci(m[n]) for n in names) + " |")
+    lengths = report.get("generation_lengths") or {}
+    if lengths:
+        lines.append("| Greedy answers: mean generated tokens | "
+                     + " | ".join(_fmt(lengths[n]["mean_new_tokens"], 1) for n in names) + " |")
+        lines.append("| Greedy answers that ended their turn by themselves | "
+                     + " | ".join(f"{lengths[n]['ended_turn']}/{lengths[n]['answers']}" for n in names) + " |")
+    if base.get("pairs"):
         lines += [
             "",
             (f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
             f"{100 * base['chosen_longer']:.1f}% of pairs. Every extra token lowers a summed log-likelihood, so the "
-            f"raw-sum accuracy favours the shorter answer; the length-normalized accuracy (mean log-prob per answer "
-            f"token) is the fair one. "
-            f"Accuracy saturates when the base model already prefers the chosen answers; the mean margin shows "
-            f"how far the tuned model moved."),
+            f"raw-sum accuracy favours the shorter answer; the length-normalized accuracy and margin (mean log-prob "
+            f"per answer token) are the fair ones. A preference stage can also learn \"longer\" instead of the "
+            f"intended difference: compare the generated lengths across columns. Accuracy saturates when the base "
+            f"model already prefers the chosen answers; the mean margin shows how far each stage moved."),
         ]
     lines += ["", ("Perplexity = exp(total answer NLL / total answer tokens), over the answer and its end-of-turn "
               "token, the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the answers.")]
@@ -109,10 +134,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## Generations, {mode}"
                   + (f" (seed {s['seed']}, {_sampling(s)})" if mode == "sampled" else ""),
                   "", (f"max_new_tokens={s['max_new_tokens']}; answers that hit it without ending their turn: "
-                      f"base {hits['base']}, tuned {hits['tuned']}."), "",
-                  "| question | base | tuned |", "|---|---|---|"]
+                      + ", ".join(f"{labels[n]} {hits[n]}" for n in names) + "."), "",
+                  "| question | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
         for g in rows:
-            lines.append(f"| {_cell(g['question'])} | {_cell(_answer(g['base']))} | {_cell(_answer(g['tuned']))} |")
+            lines.append(f"| {_cell(g['question'])} | " + " | ".join(_cell(_answer(g[n])) for n in names) + " |")
     lines += ["", f"Wall time {report['wall_seconds']:.0f} s. Git commit {report['git'].get('commit')}"
               + (" (uncommitted changes)" if report["git"].get("dirty") else "") + ". Libraries: "
               + ", ".join(f"{k} {v}" for k, v in report["libraries"].items() if v) + ".", ""]

@@ -25,7 +25,9 @@ from .config import TrainConfig
 from .data import load_splits
 from .errors import DataError, TrainingDiverged
 from .generation import save_inference_files
-from .modeling import add_lora, check_environment, load_model, load_tokenizer
+from .hardware import check_environment, resolved
+from .memory_estimate import refuse_if_too_big
+from .modeling import add_lora, load_model, load_tokenizer, restore_trainable_dtype
 from .run import ADAPTER_CONFIG_FILE, RunDir, write_config_file
 from .trainer import CompletionMarker, StopOnSigint, trainer_class
 
@@ -143,9 +145,11 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, run: Ru
     from .fast_loss import wanted
 
     cls = trainer_class(answer_only_loss=wanted(cfg.loss_impl))
-    return cls(model=model, args=sft_config(cfg, run.path), train_dataset=train_ds.select_columns(TOKEN_COLUMNS),
-               eval_dataset=eval_ds.select_columns(TOKEN_COLUMNS), processing_class=tokenizer,
-               callbacks=[CompletionMarker(), *callbacks])
+    trainer = cls(model=model, args=sft_config(cfg, run.path), train_dataset=train_ds.select_columns(TOKEN_COLUMNS),
+                  eval_dataset=eval_ds.select_columns(TOKEN_COLUMNS), processing_class=tokenizer,
+                  callbacks=[CompletionMarker(), *callbacks])
+    restore_trainable_dtype(trainer.model, cfg)  # TRL casts QLoRA adapters to bf16; fp16/fp32 runs need fp32
+    return trainer
 
 
 def final_losses(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
@@ -163,6 +167,8 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, model=None, tokeni
     from transformers import set_seed
 
     check_environment(cfg)
+    cfg = resolved(cfg)  # dtype "auto" -> what this machine trains in, recorded in config.yaml and the manifest
+    refuse_if_too_big(cfg)  # on a GPU: stop before loading any weight when the config cannot fit
     run = RunDir.of(cfg.output_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)

@@ -274,3 +274,29 @@ def test_untuned_smollm2_prefers_the_empathetic_answer_per_token():
     assert m["mean_margin"] > 0 and m["margin_ci95"][0] > 0
     # response_j is the longer answer, so the raw sum favours response_k: the bias the report warns about.
     assert m["chosen_longer"] >= 0.9 and m["accuracy_sum"] < m["accuracy_normalized"] - 0.3
+
+
+def test_the_base_column_is_a_plain_float32_forward_of_the_released_weights(run):
+    """The report's base column scores the unquantized weights as released, not the 4-bit copy training used."""
+    from transformers import AutoModelForCausalLM
+
+    from fine_tune_llm.evaluation import load_columns
+    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.tiny import tiny_model_dir
+
+    runs = RunDir.of(run.output_dir)
+    rows = eval_rows(runs, "test")[:4]
+    tok = load_tokenizer(run)
+    columns = load_columns(runs, runs.read_config())
+    args = ([r["question"] for r in rows], [r["answer"] for r in rows], run.max_length)
+    with columns.use("base") as model:
+        ours = scoring.score_answers(model, tok, *args, batch_size=2, progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32).eval()
+    enc = scoring.encode_answers(tok, *args)
+    for ids, mask, nats in zip(enc["input_ids"], enc["completion_mask"], ours.nats):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = plain(input_ids=x).logits[0, :-1]
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        want = torch.nn.functional.cross_entropy(logits[keep], x[0, 1:][keep], reduction="sum").item()
+        assert nats == pytest.approx(want, rel=1e-5)  # fp32 both sides: only summation order differs

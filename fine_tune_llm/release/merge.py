@@ -26,7 +26,8 @@ import torch
 from ..errors import ConfigError, ReleaseCheckFailed
 from ..files import read_json, write_json
 from ..generation import generation_config
-from ..modeling import device_map, guard_cpu_4bit, load_model
+from ..hardware import check_environment, device_map
+from ..modeling import guard_cpu_4bit, load_model
 from .checks import check_common, check_tokenizer
 from .common import CheckResult, RunFiles, human_bytes, locate_run, save_tokenizer, staged, tokenizer_model_source
 from .modelcard import require_license, write_card
@@ -95,6 +96,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None,
                           f"refused: it rounds the adapter away)")
     run = locate_run(run_or_adapter, base_model_id)
     require_license(run, license)  # before the heavy work, not after it
+    check_environment(run.cfg, purpose="release")
     final = Path(out_dir) if out_dir else run.release_dir("merged")
     with staged(final, overwrite) as out:
         result = _merge_into(open_run(run_or_adapter, mode == "nf4", n_prompts, n_eval, base_model_id), out, mode,

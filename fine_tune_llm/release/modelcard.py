@@ -172,6 +172,12 @@ def method_section(cfg: TrainConfig, base: str) -> str:
         f"frozen weights were loaded {quant}; compute in {cfg.dtype}. Each example is the question rendered with "
         f"the model's chat template; the loss covers only the answer and its end-of-turn token, never the "
         f"prompt. Trained with TRL's SFTTrainer by fine-tune-llm (preset `{cfg.preset}`)."),
+        *([] if cfg.stage != "dpo" else ["", (
+            f"Then a preference stage: the SFT adapter was trained further with TRL's DPOTrainer (loss "
+            f"`{cfg.loss_type}`, beta {cfg.beta:g}, learning rate {cfg.learning_rate:g}) on pairs of the same "
+            f"training questions, chosen = the empathetic answer, rejected = the judgmental one, the reference "
+            f"policy being the SFT model itself; same chat template and answer masks. SFT run: "
+            f"`{Path(cfg.sft_run or '').name}`.")]),
     ])
 
 
@@ -221,7 +227,7 @@ def _num(v: Any) -> bool:
 
 
 def evaluation_section(run: RunFiles) -> str:
-    """The base vs tuned numbers of report.json, read defensively: any field may be missing."""
+    """The numbers of report.json, one column per model, read defensively: any field may be missing."""
     head = ["## Evaluation", ""]
     report = run.run.report() if run.run else None
     metrics = report.get("metrics") if report else None
@@ -230,23 +236,27 @@ def evaluation_section(run: RunFiles) -> str:
     if not (isinstance(base, dict) and isinstance(tuned, dict)):
         return "\n".join([*head, ("No evaluation report was found for this run (`fine-tune-llm evaluate RUN_DIR` "
                                    "writes one): the numbers above are training and validation losses only.")])
+    labels = report.get("columns") if isinstance(report.get("columns"), dict) else {"base": "base", "tuned": "tuned"}
+    names = [n for n in labels if isinstance(metrics.get(n), dict)]
     settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
     split = settings.get("split", "held-out")
     n = base.get("answers")
-    lines = head + [f"Base model vs base + adapter on the held-out **{split}** split"
+    lines = head + ["Base model vs " + " / ".join(labels[k] for k in names[1:]) + f" on the held-out **{split}** split"
                     + (f" ({n} answers" + (f", {base['pairs']} preference pairs)" if base.get("pairs") else ")")
-                       if isinstance(n, int) else "") + ", from the run's `report.json`.", "",
-                    "| metric | base | tuned |", "|---|---|---|"]
-    labels = dict(EVAL_ROWS)
-    keys = [k for k, _ in EVAL_ROWS] + sorted(k for k in base if k not in labels)
+                       if isinstance(n, int) else "") + ", from the run's `report.json`"
+                    + (f"; {settings['weights']}" if settings.get("weights") else "") + ".", "",
+                    "| metric | " + " | ".join(labels[k] for k in names) + " |", "|---|" + "---|" * len(names)]
+    row_labels = dict(EVAL_ROWS)
+    keys = [k for k, _ in EVAL_ROWS] + sorted(k for k in base if k not in row_labels)
     for key in keys:
-        if _num(base.get(key)) and _num(tuned.get(key)) and key not in ("answers", "pairs"):
-            lines.append(f"| {labels.get(key, key)} | {base[key]:.4f} | {tuned[key]:.4f} |")
+        values = [metrics[k].get(key) for k in names]
+        if all(_num(v) for v in values) and key not in ("answers", "pairs"):
+            lines.append(f"| {row_labels.get(key, key)} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     hits = report.get("hit_max_tokens")
     greedy = hits.get("greedy") if isinstance(hits, dict) else None
     if isinstance(greedy, dict) and "tuned" in greedy:
-        lines += ["", (f"Greedy answers that hit the token limit without ending their turn: base "
-                  f"{greedy.get('base')}, tuned {greedy.get('tuned')}.")]
+        lines += ["", ("Greedy answers that hit the token limit without ending their turn: "
+                  + ", ".join(f"{labels.get(k, k)} {greedy.get(k)}" for k in names if k in greedy) + ".")]
     return "\n".join(lines)
 
 

@@ -1,0 +1,176 @@
+"""The preference stage (DPO after SFT) on the tiny preset: it learns, its reference is the SFT model, it never
+sees a test question, it resumes exactly, and it refuses bad pairs and a changed SFT adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+from cli_runs import adapter, start, wait_for
+
+from fine_tune_llm import checkpoints, data
+from fine_tune_llm.errors import ConfigError, DataError
+from fine_tune_llm.run import RunDir
+from fine_tune_llm.stages import preference_config
+from tests.conftest import train_tiny
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preference")
+    copy = root / "pairs.jsonl"
+    shutil.copyfile(data.SAMPLE_DATA, copy)
+    cfg, result = train_tiny(root, "sft", dataset=str(copy), max_steps=10, eval_steps=10, save_steps=10)
+    return result.run
+
+
+@pytest.fixture(scope="module")
+def dpo(sft):
+    from fine_tune_llm.preference import train_preference
+
+    cfg = preference_config(sft.path, max_steps=8, logging_steps=1, eval_steps=8, save_steps=8)
+    return cfg, train_preference(cfg, resume=False)
+
+
+def test_dpo_lowers_its_loss_and_raises_the_held_out_reward_margin(dpo):
+    cfg, result = dpo
+    train = [h for h in result.log_history if "loss" in h]
+    evals = [h for h in result.log_history if "eval_rewards/margins" in h]
+    # Step 1 is scored before any update: the policy is the reference, so DPO's loss is exactly log 2 and the
+    # margin 0. That is the held-out margin's starting point too.
+    assert train[0]["loss"] == pytest.approx(0.6931, abs=1e-3) and train[0]["rewards/margins"] == pytest.approx(0, abs=1e-3)
+    assert sum(h["loss"] for h in train[-3:]) / 3 < 0.5 * train[0]["loss"]
+    assert evals[-1]["eval_rewards/margins"] > 0.5 and evals[-1]["eval_rewards/accuracies"] > 0.5
+    assert cfg.stage == "dpo" and cfg.learning_rate == 5e-3  # the tiny preset's preference defaults
+
+
+def test_reference_log_probs_are_the_sft_models_own(sft):
+    """TRL copies the SFT adapter into a frozen "ref" adapter and precomputes its log-probs: they must equal the
+    SFT model's log-probs of the same answers, scored independently."""
+    from fine_tune_llm.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
+    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.scoring import score_tokens
+
+    cfg = preference_config(sft.path, output_dir=str(sft.path) + "-ref-check", max_steps=1)
+    run = RunDir.of(cfg.output_dir)
+    from fine_tune_llm.stages import record_parent
+
+    record_parent(run, sft)
+    tok = load_tokenizer(cfg)
+    pairs = prepare_pairs(cfg, run, tok)["validation"]
+    policy = load_policy(cfg, sft)
+    args = dpo_config(cfg, run)
+    args.eval_strategy = "no"
+    trainer = GuardedDPOTrainer(model=policy, ref_model=None, args=args, train_dataset=pairs.select_columns(
+        ["prompt_ids", "chosen_ids", "rejected_ids"]), processing_class=tok)
+    ref = trainer.train_dataset
+    policy.eval()
+    for answer in ("chosen", "rejected"):
+        ids = [p + a for p, a in zip(pairs["prompt_ids"], pairs[f"{answer}_ids"])]
+        masks = [[0] * len(p) + [1] * len(a) for p, a in zip(pairs["prompt_ids"], pairs[f"{answer}_ids"])]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nats, _ = score_tokens(policy, ids, masks, pad_id=tok.pad_token_id, progress=False)
+        ours = torch.tensor([-n for n in nats])
+        theirs = torch.tensor(ref[f"ref_{answer}_logps"])
+        # bf16 compute on both sides, batched differently: a few hundredths of a nat on sums of ~100 tokens
+        assert torch.allclose(theirs, ours, rtol=1e-2, atol=0.1), (theirs - ours).abs().max()
+
+
+def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):
+    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.preference import prepare_pairs
+
+    cfg, result = dpo
+    saved = sft.load_splits()
+    pairs = prepare_pairs(cfg, result.run, load_tokenizer(cfg))
+    trained_rows = set(pairs["train"]["row"]) | set(pairs["validation"]["row"])
+    test_rows = {r["row"] for r in saved["test"]}
+    assert trained_rows and not trained_rows & test_rows
+    assert set(pairs["train"]["row"]) <= {r["row"] for r in saved["train"]}
+    test_questions = {data.normalize_question(r["question"]) for r in saved["test"]}
+    by_row = {r["row"]: r for r in saved["train"]}
+    assert not {data.normalize_question(by_row[n]["question"]) for n in pairs["train"]["row"]} & test_questions
+    assert json.loads(result.run.splits_file.read_text()) == json.loads(sft.splits_file.read_text())
+
+
+def test_the_run_records_its_sft_run_and_refuses_a_changed_sft_adapter(sft, dpo, tmp_path):
+    from fine_tune_llm.stages import parent_of
+
+    cfg, result = dpo
+    record = json.loads(result.run.parent_file.read_text())
+    assert record["sft_run"] == str(sft.path.resolve()) and len(record["adapter_sha256"]) == 64
+    assert parent_of(result.run) == RunDir.of(sft.path.resolve())
+    copy = RunDir.of(tmp_path / "sft")
+    shutil.copytree(sft.path, copy.path)
+    shutil.copytree(result.run.path, tmp_path / "dpo")
+    moved = json.loads((tmp_path / "dpo" / "sft_run.json").read_text())
+    (tmp_path / "dpo" / "sft_run.json").write_text(json.dumps({**moved, "sft_run": str(copy.path)}))
+    weights = copy.adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the SFT adapter retrained or edited
+    with pytest.raises(ConfigError, match="has a different adapter now"):
+        parent_of(RunDir.of(tmp_path / "dpo"))
+
+
+def test_pairs_without_a_usable_rejected_answer_are_refused_naming_file_row_and_column(tmp_path):
+    rows = [{"row": 7, "question": "q", "answer": "a kind answer", "rejected": "a kind answer "}]
+    with pytest.raises(DataError, match=r"f.jsonl: row 7, column 'response_k': the rejected answer is identical"):
+        data.check_pairs(rows, "f.jsonl")
+    with pytest.raises(DataError, match=r"f.jsonl: row 3, column 'response_k': the rejected answer is empty"):
+        data.check_pairs([{"row": 3, "question": "q", "answer": "a", "rejected": " \t"}], "f.jsonl")
+    with pytest.raises(DataError, match="the preference stage needs pairs"):
+        data.check_pairs([{"row": 1, "question": "q", "answer": "a", "rejected": None}], "f.jsonl")
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "response_j": "a", "response_k": "  "}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1, column 'response_k': text is empty"):
+        data.load_examples(str(path))  # an empty rejected answer stops any stage when the file is read
+
+
+def test_preference_stage_keeps_the_sft_runs_model_and_data(sft):
+    with pytest.raises(ConfigError, match="keeps its lora_r"):
+        preference_config(sft.path, lora_r=32)
+    with pytest.raises(ConfigError, match="--sft-run takes the SFT run"):
+        preference_config(RunDir.of(str(sft.path) + "-dpo").path)
+
+
+@pytest.mark.slow
+def test_a_killed_dpo_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(sft, tmp_path):
+    def args(name):
+        return ["--stage", "dpo", "--sft-run", str(sft.path), "--max-steps", "6", "--save-steps", "2",
+                "--logging-steps", "1", "--eval-steps", "100", "--output-dir", str(tmp_path / name),
+                "--metrics-dir", str(tmp_path / "metrics"), "--imgs-dir", str(tmp_path / "imgs")]
+
+    ref = start(args("ref"), tmp_path / "ref.log")
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    victim = start(args("crash"), tmp_path / "crash.log")
+    wait_for(tmp_path / "crash" / "checkpoint-4" / checkpoints.MARKER, victim)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    resumed = start(args("crash"), tmp_path / "resume.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert "resuming from" in (tmp_path / "resume.log").read_text()
+    a, b = adapter(tmp_path / "ref" / "adapter"), adapter(tmp_path / "crash" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluating_a_dpo_run_compares_base_sft_and_sft_dpo_and_the_card_names_both_stages(sft, dpo, tmp_path):
+    from fine_tune_llm.evaluation import evaluate_run
+    from fine_tune_llm.release import release_adapter
+
+    cfg, result = dpo
+    report = evaluate_run(result.run, n_generations=2, max_new_tokens=24, metrics_dir=tmp_path, progress=False)
+    assert report["columns"] == {"base": "base", "sft": "SFT", "tuned": "SFT+DPO"}
+    m = report["metrics"]
+    assert m["base"]["answer_tokens"] == m["sft"]["answer_tokens"] == m["tuned"]["answer_tokens"]
+    # DPO pushed the chosen answers up relative to the rejected ones, beyond what SFT did
+    assert m["tuned"]["mean_margin"] > m["sft"]["mean_margin"]
+    assert report["deltas_vs_sft"]["mean_margin"] == pytest.approx(m["tuned"]["mean_margin"] - m["sft"]["mean_margin"])
+    assert set(report["generation_lengths"]) == {"base", "sft", "tuned"}
+    assert report["settings"]["weights"].startswith("base weights as released (unquantized)")
+    text = result.run.report_md.read_text()
+    assert "| metric | base | SFT | SFT+DPO |" in text and "mean generated tokens" in text
+    card = (release_adapter(result.run, tmp_path / "release", dataset_id="jkhedri/psychology-dataset")
+            / "README.md").read_text()
+    assert "TRL's DPOTrainer (loss `sigmoid`, beta 0.1" in card and "| metric | base | SFT | SFT+DPO |" in card
