@@ -18,13 +18,17 @@ _OWNERS = {
     "load_tokenizer": "modeling", "load_model": "modeling", "add_lora": "modeling",
     "check_environment": "hardware",
     "prepare_data": "training", "train": "training", "TrainResult": "training",
+    "preference_config": "stages", "train_preference": "preference",
     "export_run": "metrics",
     "evaluate_run": "evaluation", "load_for_eval": "evaluation",
     "generate_answers": "generation", "generation_config": "generation",
     "release_adapter": "release", "merge_adapter": "release", "export_gguf": "release",
     "push_folder": "release", "check_folder": "release",
 }
-__all__ = sorted(_OWNERS)
+__all__ = ["PRESETS", "RunDir", "TrainConfig", "TrainResult", "add_lora", "check_environment", "check_folder",
+           "evaluate_run", "export_gguf", "export_run", "generate_answers", "generation_config", "load_for_eval",
+           "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config", "prepare_data",
+           "push_folder", "release_adapter", "train", "train_preference"]
 
 
 def __getattr__(name: str) -> Any:

@@ -74,7 +74,7 @@ class TrainConfig:
         "alpha = 2r: the LoRA update is scaled by alpha/r = 2, the common QLoRA setting."))
     lora_dropout: float = option(0.05, help=(
         "Light regularisation for a ~8k-row dataset; 0 on CPU where dropout masks dominate step time."))
-    target_modules: list[str] = option(ALL_LINEAR, factory=True, help=(
+    target_modules: list[str] = option(ALL_LINEAR, factory=True, help=(  # noqa: RUF009 - a fresh list per config
         "Every linear projection: the QLoRA paper found attention-only LoRA loses quality."))
 
     # --- optimisation -------------------------------------------------------------------------------
@@ -162,42 +162,42 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "gemma-2b-it": {},
     # A real chat model that trains on a CPU in minutes: for checking the recipe before renting a GPU.
-    "smollm2-135m": dict(
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        requires_cuda=False,
-        quantization="4bit",
-        optim="adamw_torch",
-        lora_dropout=0.0,
-        gradient_checkpointing=False,
-        attn_implementation="eager",
-        batch_size=8,
-        grad_accum=1,
-        max_length=384,
-        output_dir="runs/smollm2-135m-psych",
-    ),
+    "smollm2-135m": {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "requires_cuda": False,
+        "quantization": "4bit",
+        "optim": "adamw_torch",
+        "lora_dropout": 0.0,
+        "gradient_checkpointing": False,
+        "attn_implementation": "eager",
+        "batch_size": 8,
+        "grad_accum": 1,
+        "max_length": 384,
+        "output_dir": "runs/smollm2-135m-psych",
+    },
     # Offline: a tiny Gemma built from a config plus the sample data shipped in the package.
-    "tiny": dict(
-        base_model="tiny-gemma",
-        dataset="sample",
-        requires_cuda=False,
-        quantization="4bit",
-        optim="adamw_torch",
-        lora_r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        learning_rate=3e-3,
-        batch_size=8,
-        grad_accum=1,
-        max_length=256,
-        max_steps=30,
-        warmup_ratio=0.0,
-        logging_steps=2,
-        eval_steps=10,
-        save_steps=10,
-        gradient_checkpointing=False,
-        attn_implementation="eager",
-        output_dir="runs/tiny-psych",
-    ),
+    "tiny": {
+        "base_model": "tiny-gemma",
+        "dataset": "sample",
+        "requires_cuda": False,
+        "quantization": "4bit",
+        "optim": "adamw_torch",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "learning_rate": 3e-3,
+        "batch_size": 8,
+        "grad_accum": 1,
+        "max_length": 256,
+        "max_steps": 30,
+        "warmup_ratio": 0.0,
+        "logging_steps": 2,
+        "eval_steps": 10,
+        "save_steps": 10,
+        "gradient_checkpointing": False,
+        "attn_implementation": "eager",
+        "output_dir": "runs/tiny-psych",
+    },
 }
 
 

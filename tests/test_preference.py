@@ -23,7 +23,7 @@ def sft(tmp_path_factory):
     root = tmp_path_factory.mktemp("preference")
     copy = root / "pairs.jsonl"
     shutil.copyfile(data.SAMPLE_DATA, copy)
-    cfg, result = train_tiny(root, "sft", dataset=str(copy), max_steps=10, eval_steps=10, save_steps=10)
+    _cfg, result = train_tiny(root, "sft", dataset=str(copy), max_steps=10, eval_steps=10, save_steps=10)
     return result.run
 
 
@@ -50,8 +50,8 @@ def test_dpo_lowers_its_loss_and_raises_the_held_out_reward_margin(dpo):
 def test_reference_log_probs_are_the_sft_models_own(sft):
     """TRL copies the SFT adapter into a frozen "ref" adapter and precomputes its log-probs: they must equal the
     SFT model's log-probs of the same answers, scored independently."""
-    from fine_tune_llm.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
     from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
     from fine_tune_llm.scoring import score_tokens
 
     cfg = preference_config(sft.path, output_dir=str(sft.path) + "-ref-check", max_steps=1)
@@ -99,7 +99,7 @@ def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):
 def test_the_run_records_its_sft_run_and_refuses_a_changed_sft_adapter(sft, dpo, tmp_path):
     from fine_tune_llm.stages import parent_of
 
-    cfg, result = dpo
+    _cfg, result = dpo
     record = json.loads(result.run.parent_file.read_text())
     assert record["sft_run"] == str(sft.path.resolve()) and len(record["adapter_sha256"]) == 64
     assert parent_of(result.run) == RunDir.of(sft.path.resolve())
@@ -159,7 +159,7 @@ def test_evaluating_a_dpo_run_compares_base_sft_and_sft_dpo_and_the_card_names_b
     from fine_tune_llm.evaluation import evaluate_run
     from fine_tune_llm.release import release_adapter
 
-    cfg, result = dpo
+    _cfg, result = dpo
     report = evaluate_run(result.run, n_generations=2, max_new_tokens=24, metrics_dir=tmp_path, progress=False)
     assert report["columns"] == {"base": "base", "sft": "SFT", "tuned": "SFT+DPO"}
     m = report["metrics"]

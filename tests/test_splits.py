@@ -47,7 +47,7 @@ def test_changing_the_split_function_does_not_change_an_old_runs_test_rows(train
 
 
 def test_editing_one_row_of_the_data_file_is_detected(trained, tmp_path):
-    cfg, run, copy = trained
+    _cfg, run, copy = trained
     test_row = run.load_splits()["test"][0]["row"]
     lines = copy.read_text().splitlines()
     row = json.loads(lines[test_row - 1])

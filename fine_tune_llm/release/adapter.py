@@ -14,7 +14,15 @@ from ..errors import ReleaseCheckFailed
 from ..generation import generation_config
 from ..run import ADAPTER_CONFIG_FILE
 from .checks import check_common, check_tokenizer
-from .common import CheckResult, RunFiles, locate_run, public_config, save_tokenizer, staged, tokenizer_model_source
+from .common import (
+    CheckResult,
+    RunFiles,
+    locate_run,
+    public_config,
+    save_tokenizer,
+    staged,
+    tokenizer_model_source,
+)
 from .modelcard import is_psychology, require_license, write_card
 
 log = logging.getLogger(__name__)
@@ -68,7 +76,7 @@ def check_adapter(folder: str | Path) -> CheckResult:
             if not any("lora_A" in k for k in keys) or not any("lora_B" in k for k in keys):
                 result.errors.append("adapter_model.safetensors holds no lora_A/lora_B weights")
             result.facts["tensors"] = len(keys)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a failed check, reported with its cause
             result.errors.append(f"adapter_model.safetensors does not read ({type(exc).__name__}: {exc})")
     if (folder / "adapter_config.json").is_file():
         try:

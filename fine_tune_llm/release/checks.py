@@ -9,6 +9,7 @@ from ..files import read_json
 from .common import CheckResult, pickle_files
 from .modelcard import validate_card
 
+
 def check_common(result: CheckResult, card_kind: str) -> None:
     """Model card, and no pickled files."""
     errors, warnings, meta = validate_card(result.folder / "README.md", card_kind)
@@ -31,7 +32,7 @@ def check_tokenizer(result: CheckResult, need_sp_model: bool = False):
     folder = result.folder
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that does not load is a failed check, with its cause
         result.errors.append(f"tokenizer does not load from {folder} ({type(exc).__name__}: {str(exc)[:200]})")
         return None
     if not tok.chat_template:

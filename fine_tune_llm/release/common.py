@@ -155,7 +155,7 @@ def tokenizer_model_source(cfg: TrainConfig, explicit: str | Path | None = None)
         if isinstance(cached, str):
             return Path(cached)
         return Path(hf_hub_download(source, "tokenizer.model"))
-    except Exception as exc:  # offline, gated, or the model has no SentencePiece file
+    except Exception as exc:  # noqa: BLE001 - offline, gated, or the model has no SentencePiece file
         log.warning("could not fetch tokenizer.model for %s (%s)", source, type(exc).__name__)
         return None
 

@@ -468,7 +468,7 @@ def _card_value(folder: Path, key: str):
 
     try:
         return ModelCard.load(folder / "README.md").data.to_dict().get(key)
-    except Exception:
+    except Exception:  # noqa: BLE001 - no card or an unreadable one: the value is unknown
         return None
 
 
@@ -492,7 +492,7 @@ def check_gguf(folder: str | Path) -> CheckResult:
     for path in ggufs:
         try:
             ids, vocab = read_special_tokens(path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a failed check, with its cause
             result.errors.append(f"{path.name} does not read as GGUF ({type(exc).__name__}: {exc})")
             continue
         if "eot" not in ids:

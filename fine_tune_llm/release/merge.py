@@ -29,7 +29,15 @@ from ..generation import generation_config
 from ..hardware import check_environment, device_map
 from ..modeling import guard_cpu_4bit, load_model
 from .checks import check_common, check_tokenizer
-from .common import CheckResult, RunFiles, human_bytes, locate_run, save_tokenizer, staged, tokenizer_model_source
+from .common import (
+    CheckResult,
+    RunFiles,
+    human_bytes,
+    locate_run,
+    save_tokenizer,
+    staged,
+    tokenizer_model_source,
+)
 from .modelcard import require_license, write_card
 from .parity import EFFECT_RTOL, LOGIT_ATOL, LOSS_ATOL, Parity, Probe, build_probe, compare, measure
 
@@ -295,7 +303,7 @@ def check_merged(folder: str | Path) -> CheckResult:
     if config is not None and facts["files"]:
         try:
             expected = expected_parameters(folder)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a config that does not build is a failed check, with its cause
             result.errors.append(f"config.json does not build a model ({type(exc).__name__}: {exc})")
         else:
             want = 2 * expected

@@ -15,7 +15,6 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..files import read_json
 from ..run import ADAPTER_CONFIG_FILE
 from .common import RunFiles, is_hub_id
 
@@ -114,7 +113,7 @@ def validate_card(path: Path, kind: str) -> tuple[list[str], list[str], dict[str
         return [f"{path.name} has no YAML metadata block"], warnings, {}
     try:
         data = ModelCard(text, ignore_metadata_errors=False).data.to_dict()
-    except Exception as exc:  # YAML syntax, a non-mapping block, malformed eval results
+    except Exception as exc:  # noqa: BLE001 - YAML syntax, a non-mapping block, malformed eval results
         return [f"{path.name}: metadata does not parse ({type(exc).__name__}: {exc})"], warnings, {}
     for key in REQUIRED_KEYS:
         if not data.get(key):

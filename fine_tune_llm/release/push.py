@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EnvironmentNotReady
-from .folders import check_folder
 from .common import CheckResult, human_bytes
+from .folders import check_folder
 
 log = logging.getLogger(__name__)
 # Nothing of ours is excluded; huggingface_hub adds its own defaults (.git/, .cache/huggingface/).
@@ -76,7 +76,7 @@ def push_folder(folder: str | Path, repo_id: str, *, dry_run: bool = False, priv
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                    commit_message=commit_message or f"Upload {check.kind} with fine-tune-llm",
                                    ignore_patterns=list(IGNORE_PATTERNS))
-    except Exception as exc:  # HTTP errors, no connection, bad repo id: one message naming the cause
+    except Exception as exc:  # noqa: BLE001 - HTTP errors, no connection, bad repo id: one message naming the cause
         raise EnvironmentNotReady(f"upload of {folder} to {repo_id} failed ({type(exc).__name__}: "
                                   f"{str(exc)[:300]})") from None
     result.commit_url = str(getattr(commit, "commit_url", None) or commit)
