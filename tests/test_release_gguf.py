@@ -140,3 +140,26 @@ def test_special_token_ids_that_name_ordinary_tokens_are_fixed(llama_cpp, tmp_pa
     fixes = fix_special_tokens(path, llama_cpp_tree(), "<end_of_turn>")
     assert read_special_tokens(path)[0] == {"eot": 5, "prefix": 6}
     assert fixes == ["eot_token_id 8 ('b') -> 5 ('<end_of_turn>')", "removed middle_token_id 7 ('a' is not a FIM token)"]
+
+
+def test_without_the_gguf_group_export_stops_at_once_naming_the_install_command(tmp_path, monkeypatch, capsys):
+    """llama-cpp-python is an optional group: without it `release gguf` says `make install-gguf` before any work
+    (here the folder is not even a merged model: the missing tool is reported first)."""
+    import builtins
+    import sys
+
+    from fine_tune_llm.cli import main
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    assert main(["release", "gguf", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "run `make install-gguf`" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
