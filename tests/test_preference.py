@@ -174,3 +174,12 @@ def test_evaluating_a_dpo_run_compares_base_sft_and_sft_dpo_and_the_card_names_b
     card = (release_adapter(result.run, tmp_path / "release", dataset_id="jkhedri/psychology-dataset")
             / "README.md").read_text()
     assert "TRL's DPOTrainer (loss `sigmoid`, beta 0.1" in card and "| metric | base | SFT | SFT+DPO |" in card
+
+
+def test_the_preference_goal_check_names_what_failed():
+    from benchmarks.preference_goal import goal
+
+    sft = {"margin_ci95": [0.10, 0.20], "perplexity": 3.0}
+    assert goal(sft, {"margin_ci95": [0.25, 0.40], "perplexity": 3.2}, 60, 66) == (True, "met")
+    met, why = goal(sft, {"margin_ci95": [0.15, 0.40], "perplexity": 3.5}, 60, 80)
+    assert not met and "not above SFT's" in why and "perplexity 3.500 > 1.10 x" in why and "length 80.0" in why
