@@ -128,10 +128,15 @@ class TrainConfig:
         "either stage) and its settings."))
     loss_type: str = option("sigmoid", help=(
         "sigmoid is DPO's own loss (Rafailov et al. 2023), the best-studied; ipo (Azar et al. 2023) regresses "
-        "the per-token log-ratio margin to 1/(2 beta) instead of pushing it without bound."))
+        "the per-token log-ratio margin to 1/(2 beta) instead of pushing it without bound; simpo (Meng et al. "
+        "2024) needs no reference and compares per-token log-likelihoods, so length cannot buy reward (its paper "
+        "uses --beta 2.0 with simpo_gamma 1.0)."))
     beta: float = option(0.1, help=(
         "How far the policy may move from the SFT reference: 0.1 is the DPO paper's and TRL's default; lower lets "
         "it move further (and learn length more easily)."))
+    simpo_gamma: float = option(1.0, help=(
+        "SimPO's target margin (loss_type simpo only): the chosen answer must beat the rejected one by gamma "
+        "nats/token x beta; gamma/beta ~0.5 is the paper's range."))
 
     # --- logging, evaluation, checkpoints -----------------------------------------------------------
     logging_steps: int = option(10, help=(
@@ -276,7 +281,7 @@ def coerce(name: str, value: Any, converters: dict[str, Any]) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 # Values a dpo stage starts from, over the SFT run's settings (each keyed by preset; None = every preset).
 STAGE_DEFAULTS: dict[str, dict[str | None, dict[str, Any]]] = {
     "dpo": {

@@ -31,6 +31,7 @@ from .training import TrainResult, finish, is_main_process
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]  # supplied by the data for SimPO only
 
 
 def encode_pairs(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: str = "pairs"):
@@ -59,6 +60,16 @@ def encode_pairs(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: 
     return Dataset.from_dict(out)
 
 
+def simpo_offsets(pairs, cfg: TrainConfig):
+    """SimPO through DPOTrainer's length-normalized sigmoid loss ("sigmoid_norm", which divides each answer's
+    log-ratio by its token count): with reference log-probs 0 for the chosen answer and -(gamma/beta) x length
+    for the rejected one, its loss is exactly SimPO's -log sigmoid(beta/|c| log p(c) - beta/|r| log p(r) - gamma).
+    No reference model is run at all."""
+    offset = cfg.simpo_gamma / cfg.beta
+    return pairs.add_column("ref_chosen_logps", [0.0] * len(pairs)).add_column(
+        "ref_rejected_logps", [-offset * len(r) for r in pairs["rejected_ids"]])
+
+
 def dpo_config(cfg: TrainConfig, run: RunDir):
     import torch
     from trl import DPOConfig
@@ -77,7 +88,8 @@ def dpo_config(cfg: TrainConfig, run: RunDir):
         logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
-        loss_type=[cfg.loss_type], beta=cfg.beta, max_length=None, precompute_ref_log_probs=True,
+        loss_type=["sigmoid_norm" if cfg.loss_type == "simpo" else cfg.loss_type], beta=cfg.beta, max_length=None,
+        precompute_ref_log_probs=True,
         dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False,
     )
 
@@ -106,6 +118,8 @@ def prepare_pairs(cfg: TrainConfig, run: RunDir, tokenizer) -> dict[str, Any]:
     for name in ("train", "validation"):
         check_pairs(splits[name], cfg.dataset)
     data = {name: encode_pairs(splits[name], tokenizer, cfg, name) for name in ("train", "validation")}
+    if cfg.loss_type == "simpo":
+        data = {name: simpo_offsets(ds, cfg) for name, ds in data.items()}
     if len(data["train"]) == 0:
         raise DataError(f"{cfg.dataset}: no training pairs fit max_length={cfg.max_length}")
     return data
@@ -135,16 +149,22 @@ def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> Trai
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir)  # read by transformers 5's TB callback
     model = load_policy(cfg, sft)
     t0 = time.time()
+    args = dpo_config(cfg, run)
+    if not len(data["validation"]):
+        args.eval_strategy = "no"  # val_fraction 0: nothing to evaluate on
     with StopOnSigint() as sigint:
         trainer = GuardedDPOTrainer(
-            model=model, ref_model=None, args=dpo_config(cfg, run), train_dataset=data["train"].select_columns(
-                PAIR_COLUMNS), eval_dataset=data["validation"].select_columns(PAIR_COLUMNS) if len(
-                data["validation"]) else None, processing_class=tokenizer,
+            model=model, ref_model=None, args=args, train_dataset=_columns(data["train"]),
+            eval_dataset=_columns(data["validation"]) if len(data["validation"]) else None, processing_class=tokenizer,
             callbacks=[CompletionMarker(), sigint.callback()])
         restore_trainable_dtype(trainer.model, cfg)  # DPOTrainer casts QLoRA adapters to bf16 as SFTTrainer does
         log.info("reference log-probs of %d pairs computed in %.0f s", len(data["train"]), time.time() - t0)
         trainer.train(resume_from_checkpoint=checkpoint)
     return finish(cfg, trainer, tokenizer, run, interrupted=sigint.requested)
+
+
+def _columns(pairs):
+    return pairs.select_columns([c for c in PAIR_COLUMNS + REF_COLUMNS if c in pairs.column_names])
 
 
 __all__ = ["encode_pairs", "load_policy", "prepare_pairs", "train_preference"]

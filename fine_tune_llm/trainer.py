@@ -84,6 +84,13 @@ class GuardedDPOTrainer(TrainingGuards, DPOTrainer):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return dataset
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # Reference log-probs already in the data (SimPO's constant offsets, preference.py) are used as they are;
+        # TRL 1.16 would compute them again and fail on the duplicated columns.
+        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names or []):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
 
 class AnswerOnlySFTTrainer(AnswerOnlyLossMixin, GuardedSFTTrainer):
     """The answer-only loss (fast_loss.py, cfg.loss_impl) over TRL's compute_loss: 3.7x faster steps on CPU than

@@ -183,3 +183,28 @@ def test_the_preference_goal_check_names_what_failed():
     assert goal(sft, {"margin_ci95": [0.25, 0.40], "perplexity": 3.2}, 60, 66) == (True, "met")
     met, why = goal(sft, {"margin_ci95": [0.15, 0.40], "perplexity": 3.5}, 60, 80)
     assert not met and "not above SFT's" in why and "perplexity 3.500 > 1.10 x" in why and "length 80.0" in why
+
+
+def test_simpo_is_dpo_trainers_normalized_loss_with_constant_offsets(sft, tmp_path):
+    """loss_type simpo: the first step's loss (one batch of every training pair, before any update) equals SimPO's
+    -log sigmoid(beta/|c| log p(c) - beta/|r| log p(r) - gamma), computed here from the SFT model's log-probs."""
+    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.preference import load_policy, prepare_pairs, train_preference
+    from fine_tune_llm.scoring import score_tokens
+
+    cfg = preference_config(sft.path, loss_type="simpo", beta=2.0, simpo_gamma=1.0, max_steps=1, batch_size=256,
+                            output_dir=str(tmp_path / "simpo"), eval_steps=100, save_steps=100)
+    result = train_preference(cfg, resume=False)
+    logged = next(h["loss"] for h in result.log_history if "loss" in h)
+    pairs = prepare_pairs(cfg, result.run, load_tokenizer(cfg))["train"]
+    policy = load_policy(cfg, sft).eval()
+    per_token = {}
+    for answer in ("chosen", "rejected"):
+        ids = [p + a for p, a in zip(pairs["prompt_ids"], pairs[f"{answer}_ids"])]
+        masks = [[0] * len(p) + [1] * len(a) for p, a in zip(pairs["prompt_ids"], pairs[f"{answer}_ids"])]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nats, tokens = score_tokens(policy, ids, masks, pad_id=0, progress=False)
+        per_token[answer] = -torch.tensor(nats) / torch.tensor(tokens, dtype=torch.float32)
+    want = -torch.nn.functional.logsigmoid(2.0 * (per_token["chosen"] - per_token["rejected"]) - 1.0).mean().item()
+    assert logged == pytest.approx(want, rel=0.02)  # bf16 compute on both sides
+    assert "ref_rejected_logps" in pairs.column_names and pairs["ref_chosen_logps"][0] == 0.0
