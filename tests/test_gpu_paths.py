@@ -122,11 +122,16 @@ def test_fp16_training_keeps_lora_weights_fp32_after_trl_casts_them(tmp_path, mo
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_trl_casts_lora_to_bf16_and_the_restore_undoes_it_only_for_fp16_and_fp32(tmp_path):
-    """Guards the upstream behaviour the restore exists for (trl/trainer/sft_trainer.py, QLoRA -> bf16)."""
+def test_trl_casts_lora_to_bf16_and_the_restore_undoes_it_only_for_fp16_and_fp32(tmp_path, monkeypatch):
+    """Guards the upstream behaviour the restore exists for (trl/trainer/sft_trainer.py, QLoRA -> bf16), and that
+    build_trainer applies the restore."""
+    from fine_tune_llm import training
+
     cfg = tiny_config(tmp_path, dtype="float32", max_steps=1)
+    assert set(_trainable(_build(cfg).model).values()) == {torch.float32}  # build_trainer restored them
+    monkeypatch.setattr(training, "restore_trainable_dtype", lambda model, cfg: 0)
     trainer = _build(cfg)
-    assert set(_trainable(trainer.model).values()) == {torch.bfloat16}
+    assert set(_trainable(trainer.model).values()) == {torch.bfloat16}  # what TRL alone leaves
     assert modeling.restore_trainable_dtype(trainer.model, cfg) == 2 * 7 * 2
     bf16 = tiny_config(tmp_path, "bf16")
     assert modeling.restore_trainable_dtype(trainer.model, bf16) == 0  # bf16 runs keep TRL's bf16
