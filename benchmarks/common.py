@@ -19,6 +19,66 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 REAL_DATA = SHARED / "data" / "psychology-dataset" / "psychology_dataset.parquet"
 GEMMA_TOKENIZER = SHARED / "models" / "gemma-tokenizer"
+SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# The proposed smollm2-135m preset: the changes to config.PRESETS["smollm2-135m"] this benchmark measured
+# (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job). Applied on top of the
+# package's preset until config.py carries them; then they change nothing.
+PROPOSED = {
+    # Padding-free packing joins a step's 8 rows into one ~850-token sequence, and eager attention then scores
+    # 850 x 850 pairs per head and layer (7/8 of them masked away): ~40% of a step's CPU time and ~1 GB more peak
+    # memory. Padding each batch to its own longest row (22% padding) instead: 1.36x trained tokens/s (1.25x per
+    # CPU-second), same held-out loss (row ours+packing).
+    "padding_free": False,
+    # Speed-neutral (row ours+4bit: 0.99x) - 4-bit is not where a CPU step goes - but the adapter then trains
+    # against the exact bf16 weights that `release merge --mode bf16` and the GGUF export merge it into, and the
+    # model is better: held-out loss 1.2367 vs 1.2650 in the table; test perplexity of the untuned base 7.29 vs 8.99.
+    # A 135M model's bf16 weights take 0.27 GB.
+    "quantization": "none",
+    # 5 evaluations of the 252 validation rows cost 273 s of the 1,360 s job (an evaluation batch is a forward
+    # pass, ~45% of a training step); mid-way and at the end is enough for a recipe check (the held-out numbers
+    # come from `fine-tune-llm evaluate` on the test split): 2 evaluations, 103 s.
+    "eval_steps": 125,
+    "save_steps": 125,
+}
+# Levers that are code, not config values: prototyped here by patching, each one a package change to make.
+#   lora_nocast: peft casts every LoRA layer's input to the adapter's fp32 dtype, and bf16 autocast casts it back
+#   for the matmul: activation-sized copies per LoRA layer and their backward, for the same values. Switched off
+#   during training (peft.helpers.disable_input_dtype_casting) wherever autocast is on. Exact (identical train and
+#   held-out losses); small: 1.05x wall, 1.00x per CPU-second (row ours+lora-cast).
+RUNTIME_PROPOSED = {"lora_nocast": True}
+
+
+def apply_runtime(model, levers: dict) -> None:
+    """Apply the RUNTIME_PROPOSED levers to a LoRA model for training (undo with levers set to False)."""
+    if "lora_nocast" in levers:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = not levers["lora_nocast"]
+
+
+def tokenized_splits(cfg, tokenizer) -> dict:
+    """training.prepare_data's tokenized splits (a PreparedData, or a (splits, tokenized) tuple before it)."""
+    from fine_tune_llm.training import prepare_data
+
+    out = prepare_data(cfg, tokenizer)
+    return out.tokenized if hasattr(out, "tokenized") else out[1]
+
+
+def package_trainer(cfg, model, tokenizer, train, evals, run_dir):
+    """training.build_trainer with a run directory (a RunDir where the package has one)."""
+    from fine_tune_llm.training import build_trainer
+
+    try:
+        from fine_tune_llm.run import RunDir
+
+        run = RunDir.of(run_dir)
+    except ImportError:
+        run = Path(run_dir)
+    return build_trainer(cfg, model, tokenizer, train, evals, run)
 
 
 def device() -> torch.device:
@@ -35,6 +95,19 @@ def machine() -> dict[str, str]:
     info["python"] = platform.python_version()
     info["load_avg_1m"] = f"{load_average():.1f}"
     return info
+
+
+def cpu_description() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu_name()} x{os.cpu_count()} cores"
+
+
+def rss_gb() -> float:
+    """Resident memory of this process now, in GB (from /proc: no psutil needed)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return float("nan")
 
 
 def load_average() -> float:

@@ -1,25 +1,73 @@
 """Training speed per token: the naive recipe, TRL's defaults and this project's training path, in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py --threads 1 --repeats 2   # the committed CPU table (~9 min)
+    .venv/bin/python benchmarks/train_throughput.py --threads 1 --repeats 2   # the Gemma-shaped CPU table (~9 min)
+    .venv/bin/python benchmarks/train_throughput.py --threads 1 --repeats 3 \
+        --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf   # the SmolLM2 table (~1.5 h)
     .venv/bin/python benchmarks/train_throughput.py --quick --rows ours        # smoke test of the script
 On a CPU shared with other busy processes pass --threads 1: with two OpenMP threads a descheduled thread
-leaves its sibling spinning at every barrier, which made identical rows differ by 35% and run 2-6x slower.
+leaves its sibling spinning at every barrier, which made identical rows differ by 35% and run 2-6x slower
+(SmolLM2: 35 s steps instead of 3.5 s while three test suites ran beside it).
 
 Same model, data, hyperparameters and hardware for every row; only the training machinery differs:
   naive        every example padded to --max-length, loss on all tokens, fp32 compute, no packing
-               (transformers Trainer, the 4-bit model with fp32 compute, peft's k-bit preparation);
+               (transformers Trainer, the model with fp32 compute, peft's k-bit preparation when 4-bit);
   trl-default  TRL's SFTTrainer with its own defaults (padding to the longest row, gradient checkpointing,
                SDPA, TRL's fused LM head, fused AdamW) and the same dtype, quantization and LoRA as ours;
   ours         fine_tune_llm's training path (modeling.load_model/add_lora, training.build_trainer) with the
                CPU presets' settings on CPU and the gemma-2b-it preset's on CUDA;
   ours+X       ours with one change reverted: what that change buys.
-The model is a Gemma-architecture model sized for the machine (hidden 512, 8 layers, random weights), 4-bit NF4
-as in real use, with Gemma's real 256k vocabulary; the data are the real psychology rows tokenized with
-gemma-2b-it's tokenizer (../shared). With that vocabulary the LM head is ~81% of this model's FLOPs per token
-(gemma-2b-it: ~21%), so savings in the head weigh about 4x more here than they would on gemma-2b-it.
 Every row trains on the same rows in the same order with the same hyperparameters and the same answer-only loss
-(trl-default: completion_only_loss=True, which TRL's default turns on only for prompt/completion columns).
-Writes metrics/bench_train_throughput_<device>.csv and metrics/bench_data_prep_<device>.csv.
+(trl-default: completion_only_loss=True, which TRL's default turns on only for prompt/completion columns); the
+held-out loss is the mean answer-token NLL on fixed validation rows, and `ours-seed2` (another LoRA init seed) gives
+its noise floor. Repeats interleave the rows (A B C A B C ...); the CSV holds every repeat and the medians.
+
+Two models:
+* the default, Gemma-shaped: a Gemma-architecture model sized for the machine (hidden 512, 8 layers, random
+  weights), 4-bit NF4 as in real use, with Gemma's real 256k vocabulary; the data tokenized with gemma-2b-it's
+  tokenizer (../shared). The LM head is ~81% of this model's FLOPs per token (gemma-2b-it: ~21%), so savings in the
+  head weigh about 4x more here than on gemma-2b-it. `ours` is pinned to what this table measured (GEMMA_OURS).
+  Writes metrics/bench_train_throughput_<device>.csv and metrics/bench_data_prep_<device>.csv.
+* --model PATH: a real model (a HF folder, or a .gguf file rewritten once as bf16 safetensors as the package does),
+  with its own tokenizer and chat template; `ours` is the smollm2-135m preset with the proposed values
+  (common.PROPOSED) and code levers (common.RUNTIME_PROPOSED), batch 8 as in the preset, 20 timed steps.
+  Writes metrics/bench_train_throughput_<device>_<model>.csv (SmolLM2: ..._cpu_smollm2.csv).
+
+Where a real model's step goes (SmolLM2-135M-Instruct: hidden 576, 30 layers, 9 heads / 3 KV heads, 49k vocab,
+tied head; torch.profiler over 4 steps of the then smollm2-135m preset, 1 thread, benchmarks/profile_step.py):
+  ~40%  eager attention over *packed* batches: padding-free packing joins the 8 rows of a step into one ~850-token
+        sequence, and eager attention then scores all 850 x 850 pairs per head and layer (the block-diagonal mask
+        discards 7/8 of them): the fp32 softmax (15%), its copies back to bf16 (~14%), the bmm's (10%), the softmax
+        backward (2%), the mask add. Per row that is 8x the attention work of padding each row to the batch's
+        longest, and ~1.2 GB of attention activations per step that grow with the longest batch.
+   23%  the projections' matmuls (aten::mm) - the useful work;
+   10%  copying the answer logits to fp32 in the chunked cross-entropy: ~86 MB buffers allocated fresh every step
+        are fresh mmap's, and first-touch page faults are slow in this VM (the same copy into a reused buffer is
+        ~10x faster);
+    5%  elementwise (RMSNorm in fp32, RoPE, SiLU, residual adds);
+    2%  bitsandbytes: NF4 dequantization (1.4%) and its autograd Functions (0.8%). 4-bit is not where time goes.
+        The CPU warning "Failed to load CPU gemm_4bit_forward from kernels-community" is harmless here: that kernel
+        is a Hub download (the `kernels` package, not reachable offline) serving bitsandbytes' fused inference
+        path, which modeling.guard_cpu_4bit switches off anyway (it has no autograd: wrong LoRA gradients).
+  With the proposed preset (padded batches, bf16 frozen weights, no LoRA input casts) the matmuls are ~46% of
+  the step, attention softmax + bmm ~6%, dtype copies 16% (a third of it the cross-entropy buffers),
+  elementwise ~18%. An evaluation batch (forward only) is ~45% of a training step (LoRA's backward computes no
+  weight gradients for the frozen weights, so it costs about one forward): 252 validation rows cost ~14 steps.
+SmolLM2 table (metrics/bench_train_throughput_cpu_smollm2.csv: 1 thread, batch 8, 20 timed steps per row, 3
+interleaved repeats, medians; the 2-core AMD EPYC shared with other jobs):
+  naive 36.4, trl-default 52.0, ours 124.6 trained tokens/s: ours / trl-default = 2.40x (median of per-repeat
+  ratios 2.40x, per CPU-second 2.40x), ours / naive = 3.42x; held-out loss ours 1.2367, trl-default 1.2378, noise
+  floor |ours - ours-seed2| = 0.0019. What each lever buys (ours vs ours+X, wall / CPU): answer-only LM head 1.92x /
+  1.63x (TRL's head on CPU scores every position and its entropy), padding instead of packing 1.36x / 1.25x, bf16
+  instead of NF4 frozen weights 0.99x / 0.99x (neutral), no LoRA input casts 1.05x / 1.00x. MFU (ours) 33% of the
+  385 GFLOP/s bf16 matmul peak of one core.
+Levers measured and not taken: torch.compile (inductor, no quantization, padded eager): its first step had not
+finished after 15 minutes on the shared 2 cores (30 LoRA-wrapped layers, dynamic batch shapes), a good part of the
+whole proposed job; transparent huge pages for large tensors (THP_MEM_ALLOC_ENABLE=1) and a 1 GB glibc mmap
+threshold (mallopt): within the noise of 10-step A/B runs on the busy machine (they fix the page faults of single large copies in
+isolation); smaller cross-entropy chunks (2^22 elements: 0.07 vs 0.12 CPU-s per step on SmolLM2's 49k vocabulary,
+~2% of a step; the Gemma-shaped table chose 2^25 for the 256k vocabulary, so not changed without re-measuring
+there); Liger kernel and cut-cross-entropy: Triton (GPU) kernels with no CPU path; the bitsandbytes CPU gemm kernel:
+see above. Thread count: 1 thread here for clean CPU-seconds; the package keeps torch's default.
 """
 
 from __future__ import annotations
@@ -43,17 +91,22 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from common import (
     GEMMA_TOKENIZER,
+    PROPOSED,
     REAL_DATA,
     REPO,
+    RUNTIME_PROPOSED,
     CountingCollator,
     PeakMemory,
     StepLog,
+    apply_runtime,
     device,
     load_average,
     machine,
     matmul_peak,
+    package_trainer,
     release_memory,
     step_timer,
+    tokenized_splits,
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -70,7 +123,9 @@ GEMMA_2B_SHAPE = {"hidden_size": 2048, "intermediate_size": 16384, "num_hidden_l
                   "num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000}
 
 # Each row: which recipe, and for `ours` rows the one TrainConfig setting changed from ours.
-ROWS: dict[str, dict] = {
+# The Gemma-shaped table (the default): `ours` pinned to what that table measured (4-bit, padding-free packing).
+GEMMA_OURS = {"quantization": "4bit", "padding_free": True}
+GEMMA_ROWS: dict[str, dict] = {
     "naive": {"kind": "naive"},
     "trl-default": {"kind": "trl"},
     "ours": {"kind": "ours"},
@@ -82,7 +137,25 @@ ROWS: dict[str, dict] = {
     "ours+dropout0.05": {"kind": "ours", "lora_dropout": 0.05},
     "ours-seed2": {"kind": "ours", "seed": 2},
 }
+# A real model (--model): `ours` is the package's smollm2-135m preset with PROPOSED and RUNTIME_PROPOSED (common.py);
+# each ablation reverts one of them, or one of the package's earlier choices.
+REAL_ROWS: dict[str, dict] = {
+    "naive": {"kind": "naive"},
+    "trl-default": {"kind": "trl"},
+    "ours": {"kind": "ours"},
+    "ours+packing": {"kind": "ours", "padding_free": True},
+    "ours+4bit": {"kind": "ours", "quantization": "4bit"},
+    "ours+lora-cast": {"kind": "ours", "runtime": {"lora_nocast": False}},
+    "ours+sdpa": {"kind": "ours", "attn_implementation": "sdpa"},
+    "ours+trl-head": {"kind": "ours", "loss_impl": "trl"},
+    "ours+checkpointing": {"kind": "ours", "gradient_checkpointing": True},
+    "ours-seed2": {"kind": "ours", "seed": 2},
+}
+ROWS: dict[str, dict] = {**GEMMA_ROWS, **REAL_ROWS}
 ABOUT = {
+    "ours+packing": "padding-free packing (the previous preset) instead of padding each batch to its longest row",
+    "ours+4bit": "4-bit NF4 frozen weights (the previous preset) instead of bf16",
+    "ours+lora-cast": "peft's fp32 cast of every LoRA input kept (under bf16 autocast)",
     "ours+trl-head": "TRL's fused LM head instead of answer-only logits",
     "ours+padding": "pad each batch to its longest row instead of padding-free packing",
     "ours+sdpa": "SDPA attention instead of eager",
@@ -92,7 +165,8 @@ ABOUT = {
     "ours-seed2": "ours with another LoRA init seed: the loss noise floor",
 }
 # The default run; ours+dropout0.05 (the gemma-2b-it preset's dropout) only on request (--rows).
-DEFAULT_ROWS = [n for n in ROWS if n != "ours+dropout0.05"]
+DEFAULT_ROWS = [n for n in GEMMA_ROWS if n != "ours+dropout0.05"]
+DEFAULT_REAL_ROWS = list(REAL_ROWS)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -116,7 +190,14 @@ def bench_model_dir(tokenizer, shape: dict) -> Path:
     return target
 
 
-def load_tokenizer():
+def load_tokenizer(model_dir: Path | None = None):
+    """gemma-2b-it's tokenizer for the Gemma-shaped model; a real model's own (with its chat template) otherwise,
+    loaded as the package loads it."""
+    if model_dir is not None:
+        from fine_tune_llm.config import make_config
+        from fine_tune_llm.modeling import load_tokenizer as package_tokenizer
+
+        return package_tokenizer(make_config("smollm2-135m", base_model=str(model_dir)))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(GEMMA_TOKENIZER)
@@ -124,14 +205,28 @@ def load_tokenizer():
     return tok
 
 
+def real_model_dir(path: str) -> Path:
+    """A HF folder as is; a .gguf file rewritten once as a bf16 safetensors folder, as the package does."""
+    source = Path(path).expanduser()
+    if source.suffix == ".gguf":
+        from fine_tune_llm.modeling import gguf_as_safetensors
+
+        return Path(gguf_as_safetensors(source.parent, source.name))
+    return source
+
+
+def model_tag(path: str) -> str:
+    name = Path(path).name.lower()
+    return "smollm2" if "smollm2" in name else "".join(c if c.isalnum() else "-" for c in Path(path).stem.lower())
+
+
 def bench_data(tokenizer, n_train: int, n_eval: int, max_length: int, seed: int = 0):
     """The first n_train rows of a seeded shuffle of the real train split (every row trains in the same order),
     and n_eval validation rows for the held-out loss."""
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.training import prepare_data
 
     cfg = make_config("gemma-2b-it", dataset=str(REAL_DATA), max_length=max_length)
-    _, data = prepare_data(cfg, tokenizer)
+    data = tokenized_splits(cfg, tokenizer)
     train = data["train"].shuffle(seed=seed).select(range(n_train)).select_columns(["input_ids", "completion_mask"])
     evals = data["validation"].select(range(n_eval)).select_columns(["input_ids", "completion_mask"])
     return train, evals, data
@@ -174,14 +269,16 @@ def common_args(a, run_dir: str) -> dict:
             "train_sampling_strategy": "sequential", "use_cpu": device().type == "cpu"}
 
 
-def load_4bit(model_dir: Path, dtype: torch.dtype, **kwargs):
-    """The 4-bit NF4 model with `dtype` compute, quantized as the project does (modeling.quantization_config)."""
+def load_base(model_dir: Path, dtype: torch.dtype, quantization: str, **kwargs):
+    """The frozen base model as `ours` has it: 4-bit NF4 with `dtype` compute, quantized as the project does
+    (modeling.quantization_config), or plain `dtype` weights when ours does not quantize."""
     from transformers import AutoModelForCausalLM
 
     from fine_tune_llm.config import make_config
     from fine_tune_llm.modeling import device_map, guard_cpu_4bit, quantization_config
 
-    qconfig = quantization_config(make_config(ours_preset(), dtype=str(dtype).removeprefix("torch.")))
+    qconfig = quantization_config(make_config(ours_preset(), quantization=quantization,
+                                              dtype=str(dtype).removeprefix("torch.")))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map(),
                                                  quantization_config=qconfig, **kwargs)
     guard_cpu_4bit(model)
@@ -204,8 +301,9 @@ def build_naive(spec, a, ctx, run_dir):
 
     from fine_tune_llm.modeling import guard_cpu_4bit
 
-    model = prepare_model_for_kbit_training(load_4bit(ctx["model_dir"], torch.float32),
-                                            use_gradient_checkpointing=False)
+    model = load_base(ctx["model_dir"], torch.float32, ctx.get("quantization", "4bit"))
+    if ctx.get("quantization", "4bit") != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config())
     guard_cpu_4bit(model)
     pad = ctx["tokenizer"].pad_token_id
@@ -229,7 +327,7 @@ def build_trl_default(spec, a, ctx, run_dir):
     """What a knowledgeable user runs with TRL alone: SFTTrainer + peft_config on the 4-bit bf16 model."""
     from trl import SFTConfig, SFTTrainer
 
-    model = load_4bit(ctx["model_dir"], torch.bfloat16)
+    model = load_base(ctx["model_dir"], torch.bfloat16, ctx.get("quantization", "4bit"))
     # completion_only_loss=True: TRL's default (None) turns it on only for prompt/completion columns; with
     # pre-tokenized input_ids + completion_mask (the same rows ours gets) None would train on the prompt too.
     args = SFTConfig(per_device_train_batch_size=a.batch, completion_only_loss=True, **common_args(a, run_dir))
@@ -246,9 +344,10 @@ def ours_config(spec, a, ctx, run_dir):
     from fine_tune_llm.config import make_config
 
     preset = ours_preset()
-    overrides = {k: v for k, v in spec.items() if k != "kind"}
+    overrides = {k: v for k, v in spec.items() if k not in ("kind", "runtime")}
     # The preset's machinery; the hyperparameters every row shares (LoRA shape and dropout included).
-    shared = {"seed": a.seed, "lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"]}
+    shared = {"seed": a.seed, "lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+              **ctx.get("ours_base", {})}
     return make_config(preset, base_model=str(ctx["model_dir"]), dataset=str(REAL_DATA), requires_cuda=False,
                        learning_rate=a.lr, lr_scheduler="constant", warmup_ratio=0.0, batch_size=a.batch,
                        grad_accum=1, max_steps=a.steps, max_length=a.max_length, logging_steps=1,
@@ -260,13 +359,12 @@ def build_ours(spec, a, ctx, run_dir):
     from transformers import set_seed
 
     from fine_tune_llm.modeling import add_lora, load_model
-    from fine_tune_llm.training import build_trainer
 
     cfg = ours_config(spec, a, ctx, run_dir)
     set_seed(cfg.seed)
     model = add_lora(load_model(cfg), cfg)
-    trainer = build_trainer(cfg, model, ctx["tokenizer"], ctx["train"], ctx["train"].select(range(1)),
-                            Path(run_dir))
+    apply_runtime(model, {**ctx.get("ours_runtime", {}), **spec.get("runtime", {})})
+    trainer = package_trainer(cfg, model, ctx["tokenizer"], ctx["train"], ctx["train"].select(range(1)), run_dir)
     # The benchmark's own settings on top of the project's: fixed order, no evaluation, no saving.
     for k, v in {"train_sampling_strategy": "sequential", "eval_strategy": "no", "save_strategy": "no",
                  "report_to": [], "disable_tqdm": True}.items():
@@ -338,7 +436,6 @@ def summarise(name: str, log: StepLog, warmup: int, ctx) -> dict:
         "first_window_trained_tok_s": round(rate(trained[:half], wall[:half]), 2),
         "last_window_trained_tok_s": round(rate(trained[-half:], wall[-half:]), 2),
         "mfu": round(ctx["flops_per_token"] * real_tps / ctx["peak_bf16"], 4),
-        "mfu_6n": round(ctx["flops_per_token_6n"] * real_tps / ctx["peak_bf16"], 4),
         "train_loss_last": round(log.loss[-1], 4) if log.loss else float("nan"),
         "trained_tokens": sum(log.trained), "seconds": round(sum(wall), 1),
     }
@@ -401,13 +498,25 @@ def data_prep(tokenizer) -> list[dict]:
 
 def lora_flops_per_token(config, r: int, answer_share: float, seq_len: int) -> float:
     """FLOPs one token of LoRA training on answers needs, from the model's shapes alone (no recipe's extras):
-    frozen matmuls forward + input gradient (4 x params), LoRA forward + both gradients (6 x params), attention
-    scores (TRL's convention: 4 x q-width x seq_len forward, x3 with the backward), and the LM head forward +
-    input gradient (4 x vocab x hidden) at the trained share of positions only. The usual 6N convention counts
-    weight gradients LoRA never computes and the LM head at every position: for this recipe it reads high."""
+
+        4 x frozen   frozen projections: forward (2 x params) + input gradient (2 x params); no weight gradient,
+                     the weights are frozen
+      + 6 x lora     LoRA A and B: forward + input gradient + weight gradient
+      + 3 x attn     attention scores and values, 2 x 2 x q-width x seq_len forward (TRL's convention: the full
+                     row, not the causal half), x3 with its backward
+      + 4 x V x h x answer_share
+                     the LM head forward + input gradient (tied, frozen: no weight gradient) only at the positions
+                     that carry a loss, which is where `ours` runs it
+
+    MFU = this x (real tokens/s) / the measured bf16 matmul peak. Work a recipe adds on top (padding, the head at
+    prompt positions, recomputation under checkpointing, fp32 compute) is not useful work and is not counted, so MFU
+    is a fraction <= 1 by construction and compares rows. The usual 6N count (used before: `mfu_6n` = 1.13 on the
+    Gemma-shaped model) adds weight gradients LoRA never computes and the LM head at every position: work this
+    recipe never needs, hence an impossible value above 1."""
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
     shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
     frozen = layers * sum(i * o for i, o in shapes)
     lora = layers * sum(r * (i + o) for i, o in shapes)
@@ -424,7 +533,7 @@ def epoch_estimate(rows: list[dict], ctx) -> list[str]:
     from transformers import GemmaConfig
 
     ours = next((r for r in rows if r["row"] == "ours"), None)
-    if ours is None:
+    if ours is None or ctx.get("real"):
         return []
     train = ctx["all_data"]["train"]
     lengths = [len(x) for x in train["input_ids"]]
@@ -453,24 +562,36 @@ def print_table(rows: list[dict]) -> None:
     cols = [("row", 20, "s"), ("trained_tok_s", 9, ".1f"), ("trained_tok_s_median_step", 9, ".1f"),
             ("all_tok_s", 9, ".1f"), ("trained_tok_cpu_s", 9, ".1f"), ("padding_share", 6, ".0%"),
             ("peak_mem_gb", 6, ".2f"), ("heldout_loss", 8, ".4f"), ("train_loss_last", 8, ".3f"),
-            ("mfu", 6, ".1%"), ("mfu_6n", 6, ".0%"), ("first_window_trained_tok_s", 8, ".1f"), ("last_window_trained_tok_s", 8, ".1f")]
+            ("mfu", 6, ".1%"), ("first_window_trained_tok_s", 8, ".1f"), ("last_window_trained_tok_s", 8, ".1f")]
     heads = ["row", "trained/s", "median/s", "all/s", "tr/CPU-s", "pad", "peakGB", "heldout", "trainL",
-             "MFU", "MFU6N", "first/s", "last/s"]
+             "MFU", "first/s", "last/s"]
     print(" ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, (_, w, _)) in enumerate(zip(heads, cols))))
     for r in rows:
         print(" ".join(f"{r[k]:<{w}{f}}" if i == 0 else f"{r[k]:>{w}{f}}" for i, (k, w, f) in enumerate(cols)))
 
 
-def ratios(rows: list[dict]) -> list[str]:
+def paired(runs: list[dict], a: str, b: str, key: str) -> float:
+    """Median over repeats of row a / row b measured in the same repeat (side by side, same machine load)."""
+    per = {}
+    for r in runs:
+        per.setdefault(r["repeat"], {})[r["row"]] = r[key]
+    values = [v[a] / v[b] for v in per.values() if a in v and b in v and v[b]]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratios(rows: list[dict], runs: list[dict] | None = None) -> list[str]:
     by = {r["row"]: r for r in rows}
+    runs = runs or [{"repeat": 1, **r} for r in rows]
     out = []
     if "ours" not in by:
         return out
     for peer in ("trl-default", "naive"):
         if peer in by:
             o, p = by["ours"], by[peer]
-            out.append(f"ours / {peer}: {o['trained_tok_s'] / p['trained_tok_s']:.2f}x trained tokens/s (wall), "
-                       f"{o['trained_tok_cpu_s'] / p['trained_tok_cpu_s']:.2f}x per CPU-second; held-out loss "
+            out.append(f"ours / {peer}: {o['trained_tok_s'] / p['trained_tok_s']:.2f}x trained tokens/s (wall; "
+                       f"median of per-repeat ratios {paired(runs, 'ours', peer, 'trained_tok_s'):.2f}x), "
+                       f"{o['trained_tok_cpu_s'] / p['trained_tok_cpu_s']:.2f}x per CPU-second (per-repeat "
+                       f"{paired(runs, 'ours', peer, 'trained_tok_cpu_s'):.2f}x); held-out loss "
                        f"{o['heldout_loss']:.4f} vs {p['heldout_loss']:.4f}")
     for name, r in by.items():
         if name.startswith("ours+"):
@@ -503,16 +624,22 @@ def device_tag() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, in order, from: {', '.join(ROWS)}")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per row (the first is warm-up)")
+    p.add_argument("--model", default=None,
+                   help="a real model (a HF folder or a .gguf file) instead of the Gemma-shaped one: its own tokenizer "
+                        "and chat template, and the real-model rows")
+    p.add_argument("--rows", default=None, help=f"comma-separated, in order, from: {', '.join(ROWS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per row, the first --warmup untimed (default 3; 21 with --model)")
     p.add_argument("--repeats", type=int, default=1, help="run all rows this many times; report medians")
     p.add_argument("--warmup", type=int, default=1, help="steps excluded from the timings")
-    p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (every row)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per optimizer step, every row "
+                   "(default 4; 8 with --model, the smollm2-135m preset's)")
     p.add_argument("--naive-micro-batch", type=int, default=2, help="naive: micro-batch (accumulated to --batch)")
     p.add_argument("--max-length", type=int, default=256, help="naive pads to this (longest real row: 162)")
     p.add_argument("--lr", type=float, default=1e-3, help="high enough that a few steps move the loss")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-rows", type=int, default=8, help="validation rows for the held-out loss")
+    p.add_argument("--eval-rows", type=int, default=None,
+                   help="validation rows for the held-out loss (default 8; 48 with --model)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a busy machine 1 thread keeps CPU-seconds clean: "
                         "with 2, a thread spinning at a barrier for a descheduled sibling counts as work")
@@ -520,9 +647,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-data-prep", action="store_true", help="skip the data preparation timing")
     p.add_argument("--out", default=str(REPO / "metrics"), help="where bench_*.csv go")
     a = p.parse_args(argv)
-    missing = [str(x) for x in (REAL_DATA, GEMMA_TOKENIZER) if not x.exists()]
+    real = a.model is not None
+    a.steps = a.steps or (21 if real else 3)
+    a.batch = a.batch or (8 if real else 4)
+    a.eval_rows = a.eval_rows or (48 if real else 8)
+    a.rows = a.rows or ",".join(DEFAULT_REAL_ROWS if real else DEFAULT_ROWS)
+    needed = [REAL_DATA] + ([Path(a.model)] if real else [GEMMA_TOKENIZER])
+    missing = [str(x) for x in needed if not x.exists()]
     if missing:
-        print(f"SKIPPED: needs the real data and tokenizer from ../shared (missing: {', '.join(missing)})")
+        print(f"SKIPPED: needs the real data and model/tokenizer from ../shared (missing: {', '.join(missing)})")
         return 0
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -530,52 +663,74 @@ def main(argv=None) -> int:
         p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
     if device().type == "cpu":
         print("No GPU in this run: every number below is CPU (bf16 autocast, bitsandbytes CPU 4-bit).")
-    from transformers import GemmaConfig
-    from trl.trainer.utils import compute_flops_per_token
+    from transformers import AutoConfig, GemmaConfig
+
+    from fine_tune_llm.config import make_config
 
     if a.threads:
         torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     info = machine()
-    tokenizer = load_tokenizer()
-    shape = QUICK_SHAPE if a.quick else BENCH_SHAPE
-    model_dir = bench_model_dir(tokenizer, shape)
+    if real:
+        model_dir = real_model_dir(a.model)
+        tokenizer = load_tokenizer(model_dir)
+        model_config = AutoConfig.from_pretrained(model_dir)
+        # ours = the package's preset + the proposed preset values (minus the job's eval/save cadence) + runtime levers
+        ours_base = {k: v for k, v in PROPOSED.items() if k not in ("eval_steps", "save_steps")}
+        ours_runtime = dict(RUNTIME_PROPOSED)
+        describe = f"{model_config.model_type} from {a.model}"
+        shape = {k: getattr(model_config, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                             "num_attention_heads", "num_key_value_heads", "head_dim")}
+    else:
+        tokenizer = load_tokenizer()
+        shape = QUICK_SHAPE if a.quick else BENCH_SHAPE
+        model_dir = bench_model_dir(tokenizer, shape)
+        model_config = GemmaConfig(vocab_size=len(tokenizer), **shape)
+        ours_base, ours_runtime = dict(GEMMA_OURS), {}
+        describe = f"Gemma {shape}, random weights"
+    quantization = make_config(ours_preset(), **ours_base).quantization
     train, evals, all_data = bench_data(tokenizer, a.steps * a.batch, a.eval_rows, a.max_length, a.seed)
     mean_len = round(sum(len(x) for x in train["input_ids"]) / len(train))
-    ctx = {"tokenizer": tokenizer, "model_dir": model_dir, "train": train, "all_data": all_data,
+    ctx = {"tokenizer": tokenizer, "model_dir": model_dir, "train": train, "all_data": all_data, "real": real,
+           "quantization": quantization, "ours_base": ours_base, "ours_runtime": ours_runtime,
            "eval_batches": eval_batches(evals, tokenizer),
-           "flops_per_token": lora_flops_per_token(GemmaConfig(vocab_size=len(tokenizer), **shape), LORA["r"],
-                                                   answer_share(train), mean_len),
-           "flops_per_token_6n": compute_flops_per_token(GemmaConfig(vocab_size=len(tokenizer), **shape), mean_len),
+           "flops_per_token": lora_flops_per_token(model_config, LORA["r"], answer_share(train), mean_len),
            "peak_bf16": matmul_peak(torch.bfloat16), "peak_fp32": matmul_peak(torch.float32)}
     print(f"machine: {info}")
-    print(f"model: Gemma {shape}, vocab {len(tokenizer):,}, 4-bit NF4; LoRA r={LORA['r']} all linear layers; "
-          f"{a.steps} steps x {a.batch} sequences (first {a.warmup} untimed), lr {a.lr}")
+    print(f"model: {describe}, vocab {len(tokenizer):,}, frozen weights {quantization if quantization != 'none' else 'bf16'}"
+          f" in every row; LoRA r={LORA['r']} all linear layers; {a.steps} steps x {a.batch} sequences (first "
+          f"{a.warmup} untimed), lr {a.lr}; ours = preset {ours_preset()} + {ours_base} + runtime {ours_runtime}")
     print(f"matmul peak now: bf16 {ctx['peak_bf16'] / 1e9:.1f} GFLOP/s, fp32 {ctx['peak_fp32'] / 1e9:.1f} GFLOP/s")
-    print(f"MFU = FLOPs/token x all tokens/s / bf16 peak, with the FLOPs LoRA training on answers needs "
-          f"({ctx['flops_per_token'] / 1e9:.3f} GFLOP/token, lora_flops_per_token); MFU6N with TRL's 6N + attention "
-          f"({ctx['flops_per_token_6n'] / 1e9:.3f} GFLOP/token), which counts work this recipe never needs")
+    print(f"MFU = FLOPs/token x real tokens/s / bf16 peak (the larger of the peaks measured before and after the rows),"
+          f" with the FLOPs LoRA training on answers needs ({ctx['flops_per_token'] / 1e9:.3f} GFLOP/token, "
+          f"lora_flops_per_token: frozen weights get no gradient, the LM head runs at answer positions only)")
+    tag = device_tag() + (f"_{model_tag(a.model)}" if real else "") + ("-quick" if a.quick else "")
     runs = []
     for r in range(a.repeats):  # repeats interleave the rows, so a change in the machine's load hits them all
         if a.repeats > 1:
             print(f"repeat {r + 1}/{a.repeats}")
-        runs += [{"repeat": r + 1, **run_row(name, a, ctx)} for name in names]
-    rows = medians(runs, names)
+        for name in names:
+            runs.append({"repeat": r + 1, **run_row(name, a, ctx)})
+            write_csv(Path(a.out) / f"bench_train_throughput_{tag}.partial.csv", runs, {"rows_done": len(runs)})
     ctx["peak_bf16_end"] = matmul_peak(torch.bfloat16)
+    peak = max(ctx["peak_bf16"], ctx["peak_bf16_end"])
+    for run in runs:  # MFU against the better of the two peaks: a peak measured while busy would flatter the rows
+        run["mfu"] = round(ctx["flops_per_token"] * run["all_tok_s"] / peak, 4)
+    rows = medians(runs, names)
     print()
     if a.repeats > 1:
         print(f"medians over {a.repeats} repeats:")
     print_table(rows)
     print()
-    for line in ratios(rows) + epoch_estimate(rows, ctx):
+    for line in ratios(rows, runs) + epoch_estimate(rows, ctx):
         print(line)
     extra = {"device": info["device"], "threads": info["threads"], "steps": a.steps, "batch": a.batch,
-             "model": json.dumps(shape), "vocab": len(tokenizer),
-             "peak_bf16_gflops": round(ctx["peak_bf16"] / 1e9, 1), "peak_fp32_gflops": round(ctx["peak_fp32"] / 1e9, 1)}
+             "model": (Path(a.model).name + " " if real else "") + json.dumps(shape), "vocab": len(tokenizer),
+             "flops_per_token": round(ctx["flops_per_token"]), "peak_bf16_gflops": round(peak / 1e9, 1),
+             "peak_fp32_gflops": round(ctx["peak_fp32"] / 1e9, 1)}
     out = Path(a.out)
-    tag = device_tag() + ("-quick" if a.quick else "")
     write_csv(out / f"bench_train_throughput_{tag}.csv", rows + (runs if a.repeats > 1 else []), extra)
-    if not a.no_data_prep:
+    if not a.no_data_prep and not real:
         prep = data_prep(tokenizer)
         print()
         for r in prep:

@@ -1,0 +1,71 @@
+"""The benchmarks run and write what they promise: the recipe timing on the tiny preset and tiny data, and the MFU
+FLOP count, which must stay a fraction of the useful work (no weight gradients for frozen weights, the LM head only
+at answer positions)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_recipe_time_tiny_writes_sane_csv(tmp_path):
+    out = tmp_path / "bench_recipe_cpu.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recipe_time.py"), "--model", "tiny",
+                           "--data-samples", "40", "--max-steps", "2", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames[:5] == ["row", "seconds", "peak_rss_gb", "heldout_ppl", "heldout_margin"]
+    assert [r["row"] for r in rows] == ["previous", "smollm2-135m"]
+    for r in rows:
+        assert 0 < float(r["seconds"]) < 900
+        assert 0.1 < float(r["peak_rss_gb"]) < 16
+        assert 1 < float(r["heldout_ppl"]) < 1e6
+        lo, mid, hi = (float(r[k]) for k in ("heldout_margin_ci95_low", "heldout_margin", "heldout_margin_ci95_high"))
+        assert lo <= mid <= hi
+        assert int(r["train_steps"]) == 2
+    previous, new = rows
+    assert '"quantization": "4bit"' in previous["config"] and '"padding_free": true' in previous["config"]
+    assert '"padding_free": false' in new["config"]
+
+
+def test_recipe_previous_row_ignores_the_current_preset(tmp_path):
+    """`previous` is today's preset hard-coded: it must not change when config.PRESETS changes."""
+    import argparse
+
+    import recipe_time
+
+    a = argparse.Namespace(model="tiny", dataset="sample", data_samples=40, max_steps=0)
+    cfg = recipe_time.row_config("previous", a, tmp_path)
+    for key, value in recipe_time.PREVIOUS.items():
+        assert getattr(cfg, key) == value, key
+    new = recipe_time.row_config("smollm2-135m", a, tmp_path)
+    for key, value in recipe_time.PROPOSED.items():
+        assert getattr(new, key) == value, key
+
+
+def test_mfu_flops_count_only_useful_work():
+    import train_throughput
+    from transformers import LlamaConfig
+    from trl.trainer.utils import compute_flops_per_token
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+    ours = train_throughput.lora_flops_per_token(smol, r=16, answer_share=0.6, seq_len=110)
+    six_n = compute_flops_per_token(smol, 110)
+    # 4 x frozen (~106M) + LoRA + attention + head at 60% of positions: ~0.55 GFLOP/token, well under 6N
+    assert 0.45e9 < ours < 0.65e9
+    assert ours < six_n
+    # The head term scales with the trained share only.
+    more = train_throughput.lora_flops_per_token(smol, r=16, answer_share=1.0, seq_len=110)
+    assert more - ours == pytest.approx(4 * 49152 * 576 * 0.4, rel=1e-6)
