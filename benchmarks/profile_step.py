@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GROUPS = [  # (group, operator-name fragments), first match wins
     ("bitsandbytes dequantize", ("bitsandbytes::",)),
     ("matmul (mm/bmm/addmm)", ("aten::mm", "aten::bmm", "aten::addmm")),
-    ("attention softmax (+backward)", ("softmax",)),
+    ("attention softmax (+backward)", ("aten::_softmax",)),
     ("dtype copies / casts", ("aten::copy_", "aten::_to_copy", "aten::to")),
     ("elementwise (mul/add/silu/pow/...)", ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt",
                                             "aten::neg", "aten::cat", "aten::sum", "aten::mean", "aten::div",

@@ -48,9 +48,10 @@ tied head; torch.profiler over 4 steps of the then smollm2-135m preset, 1 thread
         The CPU warning "Failed to load CPU gemm_4bit_forward from kernels-community" is harmless here: that kernel
         is a Hub download (the `kernels` package, not reachable offline) serving bitsandbytes' fused inference
         path, which modeling.guard_cpu_4bit switches off anyway (it has no autograd: wrong LoRA gradients).
-  With the proposed preset (padded batches, bf16 frozen weights, no LoRA input casts) the matmuls are ~46% of
-  the step, attention softmax + bmm ~6%, dtype copies 16% (a third of it the cross-entropy buffers),
-  elementwise ~18%. An evaluation batch (forward only) is ~45% of a training step (LoRA's backward computes no
+  With the proposed preset (padded batches, bf16 frozen weights) the matmuls are ~46% of the step, attention
+  softmax + bmm ~6%, dtype copies 16% (a third of it the cross-entropy buffers), elementwise ~18%; without the
+  LoRA input casts too (profile_step.py --recipe proposed, a quiet moment): matmuls 60%, elementwise 20%, dtype
+  copies 8%. An evaluation batch (forward only) is ~45% of a training step (LoRA's backward computes no
   weight gradients for the frozen weights, so it costs about one forward): 252 validation rows cost ~14 steps.
 SmolLM2 table (metrics/bench_train_throughput_cpu_smollm2.csv: 1 thread, batch 8, 20 timed steps per row, 3
 interleaved repeats, medians; the 2-core AMD EPYC shared with other jobs):
