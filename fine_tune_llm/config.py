@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,7 @@ def _named(name: str, convert: Any, hint: Any):
     return read
 
 
+@functools.cache
 def _converters() -> dict[str, Any]:
     """field name -> the converter its flag uses: YAML and notebook values go through the same ones."""
     parser = argparse.ArgumentParser(add_help=False)

@@ -44,10 +44,6 @@ def read_scalars(log_dir: str | Path) -> dict[str, Series]:
     return {tag: [by_step[s] for s in sorted(by_step)] for tag, by_step in series.items()}
 
 
-def csv_stem(tag: str) -> str:
-    return EXPORTS[tag]
-
-
 def write_csv(path: Path, rows: Series) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -71,7 +67,7 @@ def export_scalars(run: RunDir | str | Path, metrics_dir: str | Path = "metrics"
     for tag, rows in (scalars if scalars is not None else read_scalars(run.logs_dir)).items():
         if tag not in EXPORTS:
             continue
-        stem = csv_stem(tag)
+        stem = EXPORTS[tag]
         path = metrics_dir / f"{stem}_{run.name}.csv"
         write_csv(path, rows)
         written[stem] = path

@@ -158,16 +158,23 @@ def lora_config(cfg: TrainConfig):
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
-def add_lora(model, cfg: TrainConfig):
-    """Prepare a k-bit model for training and wrap it with LoRA adapters on every linear projection."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def prepare_for_training(model, cfg: TrainConfig):
+    """peft's k-bit preparation (input gradients, checkpointing), frozen weights kept in the dtype they compute in."""
+    from peft import prepare_model_for_kbit_training
 
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         frozen = frozen_dtype(cfg)
         if frozen is not None:
             keep_frozen_in(model, frozen)
-    model = get_peft_model(model, lora_config(cfg))
+    return model
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Prepare a k-bit model for training and wrap it with LoRA adapters on every linear projection."""
+    from peft import get_peft_model
+
+    model = get_peft_model(prepare_for_training(model, cfg), lora_config(cfg))
     guard_cpu_4bit(model)
     trainable, total = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

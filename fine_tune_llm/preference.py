@@ -23,7 +23,7 @@ from .data import check_pairs
 from .errors import DataError
 from .hardware import check_environment, resolved
 from .memory_estimate import refuse_if_too_big
-from .modeling import keep_frozen_in, load_model, load_tokenizer, restore_trainable_dtype
+from .modeling import load_model, load_tokenizer, prepare_for_training, restore_trainable_dtype
 from .run import RunDir
 from .stages import parent_of, record_parent
 from .trainer import CompletionMarker, GuardedDPOTrainer, StopOnSigint
@@ -96,16 +96,11 @@ def dpo_config(cfg: TrainConfig, run: RunDir):
 
 def load_policy(cfg: TrainConfig, sft: RunDir):
     """The 4-bit base prepared as SFT prepared it, with the SFT adapter trainable under PEFT's "default" name."""
-    import torch
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
 
     from .modeling import guard_cpu_4bit
 
-    model = load_model(cfg)
-    if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        if cfg.dtype == "bfloat16" and not cfg.upcast_frozen:
-            keep_frozen_in(model, torch.bfloat16)
+    model = prepare_for_training(load_model(cfg), cfg)
     # autocast_adapter_dtype=False: keep the adapter in the dtype SFT trained it in (peft#2421)
     model = PeftModel.from_pretrained(model, str(sft.adapter_dir), is_trainable=True, autocast_adapter_dtype=False)
     guard_cpu_4bit(model)

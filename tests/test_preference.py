@@ -128,11 +128,11 @@ def test_pairs_without_a_usable_rejected_answer_are_refused_naming_file_row_and_
         data.load_examples(str(path))  # an empty rejected answer stops any stage when the file is read
 
 
-def test_preference_stage_keeps_the_sft_runs_model_and_data(sft):
+def test_preference_stage_keeps_the_sft_runs_model_and_data(sft, dpo):
     with pytest.raises(ConfigError, match="keeps its lora_r"):
         preference_config(sft.path, lora_r=32)
     with pytest.raises(ConfigError, match="--sft-run takes the SFT run"):
-        preference_config(RunDir.of(str(sft.path) + "-dpo").path)
+        preference_config(dpo[1].run.path)  # a dpo run is not an SFT run
 
 
 @pytest.mark.slow

@@ -74,11 +74,9 @@ class Opened:
     reference: dict[str, Any]  # ... and with it on: what the merge must reproduce
 
 
-def open_run(run_or_adapter: str | Path, quantized: bool, n_prompts: int, n_eval: int,
-             base_model_id: str | None = None) -> Opened:
+def open_run(run: RunFiles, quantized: bool, n_prompts: int, n_eval: int) -> Opened:
     from transformers import AutoTokenizer
 
-    run = locate_run(run_or_adapter, base_model_id)
     if quantized and run.cfg.quantization != "4bit":
         raise ConfigError(f"this run trained with quantization={run.cfg.quantization!r}, not 4bit: use mode 'bf16'")
     tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
@@ -107,7 +105,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None,
     check_environment(run.cfg, purpose="release")
     final = Path(out_dir) if out_dir else run.release_dir("merged")
     with staged(final, overwrite) as out:
-        result = _merge_into(open_run(run_or_adapter, mode == "nf4", n_prompts, n_eval, base_model_id), out, mode,
+        result = _merge_into(open_run(run, mode == "nf4", n_prompts, n_eval), out, mode,
                              (logit_atol, loss_atol, effect_rtol), license, dataset_id, tokenizer_model)
     result.folder = final
     log.info(result.summary())
@@ -154,7 +152,7 @@ def measure_4bit_merge(run_or_adapter: str | Path, n_prompts: int = 4, n_eval: i
     """What merging into the 4-bit weights does: PEFT's merge into Linear4bit vs the unmerged 4-bit + adapter."""
     import warnings
 
-    o = open_run(run_or_adapter, True, n_prompts, n_eval)
+    o = open_run(locate_run(run_or_adapter), True, n_prompts, n_eval)
     with warnings.catch_warnings():  # PEFT's own warning says the same thing, without numbers
         warnings.simplefilter("ignore")
         merged = o.model.merge_and_unload()
