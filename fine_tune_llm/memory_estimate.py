@@ -197,7 +197,8 @@ def eager_scores_bytes(cfg: TrainConfig, s: ModelShape, tokens: int, compute: in
     if cfg.attn_implementation != "eager":
         return 0.0
     rows = [tokens] if cfg.padding_free else [cfg.max_length] * cfg.batch_size
-    return sum(s.heads * r * r * (4 + compute) for r in rows)
+    cast = 0 if compute == 4 else compute  # a float32 run's softmax needs no cast back to the compute dtype
+    return sum(s.heads * r * r * (4 + cast) for r in rows)
 
 
 def activation_bytes(cfg: TrainConfig, s: ModelShape, tokens: int, b: dict[str, int], checkpointing: bool) -> float:

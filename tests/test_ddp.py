@@ -34,7 +34,7 @@ def test_accelerate_configs_load_and_say_what_they_are():
 def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
     from fine_tune_llm.modeling import quantization_config
 
-    cfg = make_config("tiny")
+    cfg = make_config("tiny", dtype="bfloat16")  # explicit: auto is float32 on CPUs without native bf16
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with fsdp_qlora.yaml sets
     q = quantization_config(cfg)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from fine_tune_llm import display, notebook_utils
+from fine_tune_llm import display, hardware, notebook_utils
 from fine_tune_llm.chat import build_messages, encode_batch, render_prompt
 
 QUESTION = "I feel anxious before every exam. Is that normal? 😟"
@@ -98,7 +98,8 @@ def test_model_summary_of_a_4bit_lora_model(tiny_cfg):
 
     base = load_model(tiny_cfg)
     before = display.model_summary(base)["value"]
-    assert before["quantization"] == "4-bit NF4, double quantization, compute in bfloat16"
+    compute = hardware.precision(tiny_cfg).dtype  # bfloat16 where the CPU has it natively, else float32
+    assert before["quantization"] == f"4-bit NF4, double quantization, compute in {compute}"
     assert before["LoRA"] == "none" and before["parameters"] == f"{parameter_counts(base)[1]:,}"
     model = add_lora(base, tiny_cfg)
     info = display.model_summary(model)["value"]

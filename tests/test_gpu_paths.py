@@ -39,14 +39,16 @@ def gpu(monkeypatch):
 # --- precision ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("kind", "dtype", "compute"), [
-    (None, "bfloat16", torch.bfloat16),  # CPU: bf16, as before
+    ("cpu-bf16", "bfloat16", torch.bfloat16),  # a CPU with avx512_bf16 or AMX: bf16, as before
+    ("cpu-avx2", "float32", torch.float32),  # no native bf16: emulated bf16 is ~30x slower than fp32
     (T4, "float16", torch.float16),
     (A100, "bfloat16", torch.bfloat16),
     (H100, "bfloat16", torch.bfloat16),
 ])
 def test_auto_precision_per_gpu(gpu, monkeypatch, kind, dtype, compute):
-    if kind is None:
+    if isinstance(kind, str):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: kind == "cpu-bf16")
     else:
         gpu(kind)
     cfg = make_config("gemma-2b-it")
@@ -56,8 +58,26 @@ def test_auto_precision_per_gpu(gpu, monkeypatch, kind, dtype, compute):
     assert modeling.quantization_config(cfg).bnb_4bit_compute_dtype == compute
     assert modeling.torch_dtype(cfg) == compute
     assert (p.bf16, p.fp16) == (dtype == "bfloat16", dtype == "float16")
-    # fp16 keeps fp32 LoRA weights for the GradScaler; bf16 keeps TRL's bf16
-    assert p.trainable_dtype == (torch.float32 if dtype == "float16" else torch.bfloat16)
+    # fp16 and fp32 keep fp32 LoRA weights (the GradScaler needs them); bf16 keeps TRL's bf16
+    assert p.trainable_dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "_warn_once", lambda message: hardware.log.warning(message))
+    with caplog.at_level("WARNING"):
+        p = hardware.precision(make_config("gemma-2b-it", dtype="bfloat16"))
+    assert p.dtype == "bfloat16" and "avx512_bf16" in p.warning and "float32" in p.warning
+    assert any("emulates bf16" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_bf16_probe_matches_torchs_own_capability_report():
+    """The probe reads torch.cpu's checks; on a CPU torch reports as AVX2-only it must say no native bf16."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "DEFAULT", "NO AVX"):
+        assert not hardware.cpu_has_native_bf16()
+    assert hardware.cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_t4_reports_bf16_support_through_emulation_yet_auto_picks_fp16(gpu):

@@ -224,7 +224,7 @@ def test_chunked_cross_entropy_edge_cases():
 # --- frozen weights stay bf16 -----------------------------------------------------------------------------
 
 def test_frozen_weights_stay_bf16_and_unchanged_unless_upcast_is_asked_for():
-    cfg = make_config("tiny")
+    cfg = make_config("tiny", dtype="bfloat16")  # explicit: auto is float32 on CPUs without native bf16
     loaded = {n: p.detach().clone() for n, p in load_model(cfg).named_parameters()
               if p.__class__.__name__ != "Params4bit"}
     model = add_lora(load_model(cfg), cfg)
@@ -233,7 +233,7 @@ def test_frozen_weights_stay_bf16_and_unchanged_unless_upcast_is_asked_for():
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
     for name, p in frozen.items():
         assert torch.equal(p, loaded[name]), name  # bf16 -> fp32 -> bf16 is exact
-    upcast = add_lora(load_model(cfg), make_config("tiny", upcast_frozen=True))
+    upcast = add_lora(load_model(cfg), make_config("tiny", dtype="bfloat16", upcast_frozen=True))
     emb = upcast.get_input_embeddings().weight
     assert emb.dtype == torch.float32  # peft's prepare_model_for_kbit_training, as before
 
