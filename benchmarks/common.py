@@ -22,31 +22,20 @@ GEMMA_TOKENIZER = SHARED / "models" / "gemma-tokenizer"
 SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-# The proposed smollm2-135m preset: the changes to config.PRESETS["smollm2-135m"] this benchmark measured
-# (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job). Applied on top of the
-# package's preset until config.py carries them; then they change nothing.
+# The proposed smollm2-135m preset: changes to config.PRESETS["smollm2-135m"] measured here before the preset carries
+# them (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job), applied on top of
+# the package's preset. Landed in config.py since: padding_free False (1.36x), quantization none (speed-neutral, the
+# released weights), eval/save every 125 steps (170 s of 1,360). Still proposed:
 PROPOSED = {
-    # Padding-free packing joins a step's 8 rows into one ~850-token sequence, and eager attention then scores
-    # 850 x 850 pairs per head and layer (7/8 of them masked away): ~40% of a step's CPU time and ~1 GB more peak
-    # memory. Padding each batch to its own longest row (22% padding) instead: 1.36x trained tokens/s (1.25x per
-    # CPU-second), same held-out loss (row ours+packing).
-    "padding_free": False,
-    # Speed-neutral (row ours+4bit: 0.99x) - 4-bit is not where a CPU step goes - but the adapter then trains
-    # against the exact bf16 weights that `release merge --mode bf16` and the GGUF export merge it into, and the
-    # model is better: held-out loss 1.2367 vs 1.2650 in the table; test perplexity of the untuned base 7.29 vs 8.99.
-    # A 135M model's bf16 weights take 0.27 GB.
-    "quantization": "none",
-    # 5 evaluations of the 252 validation rows cost 273 s of the 1,360 s job (an evaluation batch is a forward
-    # pass, ~45% of a training step); mid-way and at the end is enough for a recipe check (the held-out numbers
-    # come from `fine-tune-llm evaluate` on the test split): 2 evaluations, 103 s.
-    "eval_steps": 125,
-    "save_steps": 125,
+    # Length-grouped batches: 22.4% of a random padded batch's positions are padding, 1.1% of a length-grouped
+    # one's (benchmarks/padding.py, exact counts on the 2,000 training rows): 0.785x the positions per epoch.
+    # Not in the preset until a whole job (recipe_time.py) shows the held-out numbers unchanged.
+    "group_by_length": True,
 }
-# Levers that are code, not config values: prototyped here by patching, each one a package change to make.
-#   lora_nocast: peft casts every LoRA layer's input to the adapter's fp32 dtype, and bf16 autocast casts it back
-#   for the matmul: activation-sized copies per LoRA layer and their backward, for the same values. Switched off
-#   during training (peft.helpers.disable_input_dtype_casting) wherever autocast is on. Exact (identical train and
-#   held-out losses); small: 1.05x wall, 1.00x per CPU-second (row ours+lora-cast).
+# Levers that are code, not config values. lora_nocast: peft casts every LoRA layer's input to the adapter's fp32
+# dtype and bf16 autocast casts it back for the matmul; training.train now skips the cast under autocast
+# (training.lora_inputs_uncast: exact, 1.05x, row ours+lora-cast). Kept here for the benchmarks that run the
+# Trainer themselves rather than through training.train.
 RUNTIME_PROPOSED = {"lora_nocast": True}
 
 

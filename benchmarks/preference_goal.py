@@ -26,8 +26,10 @@ from benchmarks.common import REAL_DATA, SHARED, machine
 
 SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 COLUMNS = ["row", "loss_type", "beta", "learning_rate", "dpo_steps", "train_seconds", "eval_seconds",
-           "sft_perplexity", "dpo_perplexity", "sft_margin", "sft_margin_ci_low", "sft_margin_ci_high", "dpo_margin",
-           "dpo_margin_ci_low", "dpo_margin_ci_high", "sft_gen_tokens", "dpo_gen_tokens", "goal_met", "why"]
+           "base_perplexity", "sft_perplexity", "dpo_perplexity", "base_margin", "sft_margin", "sft_margin_ci_low",
+           "sft_margin_ci_high", "dpo_margin", "dpo_margin_ci_low", "dpo_margin_ci_high", "base_accuracy",
+           "sft_accuracy", "dpo_accuracy", "base_gen_tokens", "sft_gen_tokens", "dpo_gen_tokens", "base_ended",
+           "sft_ended", "dpo_ended", "generations", "goal_met", "why", "sft_train_seconds", "threads", "device"]
 PPL_RISE = 0.10  # at most 10% higher perplexity of the chosen answers than SFT's
 LENGTH_CHANGE = 0.20  # mean generated length within 20% of SFT's
 
@@ -47,15 +49,29 @@ def goal(sft: dict[str, Any], dpo: dict[str, Any], sft_len: float, dpo_len: floa
 def row_of(setting: str, report: dict[str, Any], steps: int, train_s: float, eval_s: float) -> dict[str, Any]:
     loss, beta, lr = setting.split(":")
     m, lengths = report["metrics"], report["generation_lengths"]
-    sft, dpo = m["sft"], m["tuned"]
+    base, sft, dpo = m["base"], m["sft"], m["tuned"]
     met, why = goal(sft, dpo, lengths["sft"]["mean_new_tokens"] or 0, lengths["tuned"]["mean_new_tokens"] or 0)
     return {"row": f"dpo-{loss}-{beta}-{lr}", "loss_type": loss, "beta": float(beta), "learning_rate": float(lr),
             "dpo_steps": steps, "train_seconds": round(train_s), "eval_seconds": round(eval_s),
-            "sft_perplexity": sft["perplexity"], "dpo_perplexity": dpo["perplexity"], "sft_margin": sft["mean_margin"],
+            "base_perplexity": base["perplexity"], "sft_perplexity": sft["perplexity"],
+            "dpo_perplexity": dpo["perplexity"], "base_margin": base["mean_margin"], "sft_margin": sft["mean_margin"],
             "sft_margin_ci_low": sft["margin_ci95"][0], "sft_margin_ci_high": sft["margin_ci95"][1],
             "dpo_margin": dpo["mean_margin"], "dpo_margin_ci_low": dpo["margin_ci95"][0],
-            "dpo_margin_ci_high": dpo["margin_ci95"][1], "sft_gen_tokens": lengths["sft"]["mean_new_tokens"],
-            "dpo_gen_tokens": lengths["tuned"]["mean_new_tokens"], "goal_met": met, "why": why}
+            "dpo_margin_ci_high": dpo["margin_ci95"][1], "base_accuracy": base.get("accuracy_normalized"),
+            "sft_accuracy": sft.get("accuracy_normalized"), "dpo_accuracy": dpo.get("accuracy_normalized"),
+            "base_gen_tokens": lengths["base"]["mean_new_tokens"], "sft_gen_tokens": lengths["sft"]["mean_new_tokens"],
+            "dpo_gen_tokens": lengths["tuned"]["mean_new_tokens"], "base_ended": lengths["base"]["ended_turn"],
+            "sft_ended": lengths["sft"]["ended_turn"], "dpo_ended": lengths["tuned"]["ended_turn"],
+            "generations": lengths["tuned"]["answers"], "goal_met": met, "why": why}
+
+
+def write_rows(path: str, rows: list[dict[str, Any]]) -> None:
+    """Rewritten after every setting, so a long run that is stopped keeps the rows it finished."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated loss_type:beta:learning_rate")
     p.add_argument("--dpo-max-steps", type=int, default=-1, help="cap on DPO steps (-1: one epoch of the pairs)")
     p.add_argument("--generations", type=int, default=20, help="held-out questions answered greedily per column")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on each generated answer")
+    p.add_argument("--sft-run", default=None, help="reuse a finished SFT run of this recipe instead of training one")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--root", default="runs/preference-goal")
     p.add_argument("--out", default="metrics/bench_preference_smollm2.csv")
     args = p.parse_args(argv)
@@ -80,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     from fine_tune_llm.stages import preference_config
     from fine_tune_llm.training import train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     root = Path(args.root)
     common = {"metrics_dir": str(root / "metrics"), "imgs_dir": str(root / "imgs")}
-    sft_cfg = make_config("smollm2-135m", base_model=args.model, dataset=args.data, data_samples=args.data_samples,
-                          output_dir=str(root / "sft"), **common)
     t0 = time.perf_counter()
-    sft = train(sft_cfg, resume=False).run
-    print(f"SFT: {time.perf_counter() - t0:.0f} s")
+    if args.sft_run:  # an SFT run trained earlier with this recipe (its seconds are then not measured here)
+        from fine_tune_llm.run import RunDir
+
+        sft, sft_seconds = RunDir.of(args.sft_run), None
+    else:
+        sft_cfg = make_config("smollm2-135m", base_model=args.model, dataset=args.data, data_samples=args.data_samples,
+                              output_dir=str(root / "sft"), **common)
+        sft = train(sft_cfg, resume=False).run
+        sft_seconds = round(time.perf_counter() - t0)
+        print(f"SFT: {sft_seconds} s", flush=True)
     rows = []
     for setting in args.settings.split(","):
         loss, beta, lr = setting.split(":")
@@ -96,18 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = train_preference(cfg, resume=False)
         t1 = time.perf_counter()
-        report = evaluate_run(result.run, n_generations=args.generations, max_new_tokens=256,
+        report = evaluate_run(result.run, n_generations=args.generations, max_new_tokens=args.max_new_tokens,
                               metrics_dir=root / "metrics", progress=False)
-        rows.append(row_of(setting, report, result.global_step, t1 - t0, time.perf_counter() - t1))
-        print({k: rows[-1][k] for k in ("row", "dpo_margin", "sft_margin", "dpo_perplexity", "goal_met", "why")})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+        rows.append({**row_of(setting, report, result.global_step, t1 - t0, time.perf_counter() - t1),
+                     "sft_train_seconds": sft_seconds, "threads": args.threads or "all", "device": machine()})
+        print({k: rows[-1][k] for k in ("row", "dpo_margin", "sft_margin", "dpo_perplexity", "goal_met", "why")},
+              flush=True)
+        write_rows(args.out, rows)
     print(f"{args.out} ({machine()})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

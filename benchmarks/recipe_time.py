@@ -18,7 +18,10 @@ Rows:
                 reproducible after the preset changes;
   smollm2-135m  the package's smollm2-135m preset with common.PROPOSED applied on top: the values the preset
                 should carry (once config.py carries them, PROPOSED changes nothing), and common.RUNTIME_PROPOSED,
-                the code levers (patched in here until the package has them).
+                the code levers (the package has lora_nocast since; patching it again changes nothing).
+`previous` trains in bf16 (the old `dtype: auto` on any CPU). On a CPU without avx512_bf16 or AMX (AVX2 only) torch
+emulates bf16: ~190 s per step of that row on a 2-core AVX2 EPYC, ~13 h for the job, while `auto` now picks
+float32 there (~17 s per step). Run this comparison on a CPU with native bf16 (lscpu: avx512_bf16 or amx_bf16).
 Writes metrics/bench_recipe_cpu.csv: row,seconds,peak_rss_gb,heldout_ppl,heldout_margin, then the details (margin
 CI, evaluation seconds, CPU seconds, peak RSS per phase, RSS every 10 steps, the resolved config).
 

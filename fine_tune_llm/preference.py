@@ -27,7 +27,7 @@ from .modeling import load_model, load_tokenizer, prepare_for_training, restore_
 from .run import RunDir
 from .stages import parent_of, record_parent
 from .trainer import CompletionMarker, GuardedDPOTrainer, StopOnSigint
-from .training import TrainResult, finish, is_main_process
+from .training import TrainResult, finish, is_main_process, lora_inputs_uncast
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -154,7 +154,8 @@ def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> Trai
             callbacks=[CompletionMarker(), sigint.callback()])
         restore_trainable_dtype(trainer.model, cfg)  # DPOTrainer casts QLoRA adapters to bf16 as SFTTrainer does
         log.info("reference log-probs of %d pairs computed in %.0f s", len(data["train"]), time.time() - t0)
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with lora_inputs_uncast(model, cfg):  # training steps only: the reference pass above may run without autocast
+            trainer.train(resume_from_checkpoint=checkpoint)
     return finish(cfg, trainer, tokenizer, run, interrupted=sigint.requested)
 
 

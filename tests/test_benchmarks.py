@@ -69,3 +69,22 @@ def test_mfu_flops_count_only_useful_work():
     # The head term scales with the trained share only.
     more = train_throughput.lora_flops_per_token(smol, r=16, answer_share=1.0, seq_len=110)
     assert more - ours == pytest.approx(4 * 49152 * 576 * 0.4, rel=1e-6)
+
+
+def test_padding_counts_each_padded_position_and_grouping_wastes_less(tmp_path):
+    import padding
+
+    # batches (3, 5) -> width 5, (2, 8) -> width 8: 18 real positions of 26
+    counted = padding.padding_of([3, 5, 2, 8], [0, 1, 2, 3], batch_size=2)
+    assert (counted["real_tokens"], counted["padded_tokens"], counted["distinct_batch_lengths"]) == (18, 26, 2)
+    assert counted["padding_share"] == round(1 - 18 / 26, 4)
+    out = tmp_path / "padding.csv"
+    assert padding.main(["--model", "tiny", "--data-samples", "60", "--out", str(out)]) == 0
+    with open(out, newline="") as fh:
+        rows = {r["sampler"]: r for r in csv.DictReader(fh)}
+    assert rows["random"]["real_tokens"] == rows["group_by_length"]["real_tokens"]  # the same rows, every one
+    # transformers groups within megabatches of min(rows // (4 x batch), 50) batches: 400 rows give 12 per pool
+    lengths = [40 + (i * 37) % 300 for i in range(400)]
+    random, grouped = (padding.padding_of(lengths, order, 8) for order in padding.orders(lengths, 8, 0).values())
+    assert grouped["real_tokens"] == random["real_tokens"]
+    assert grouped["padded_tokens"] < 0.8 * random["padded_tokens"]

@@ -121,10 +121,40 @@ def test_real_small_chat_model_from_gguf_loads_in_4bit_and_masks_its_own_turn_en
     from tests.conftest import SMOLLM_DIR, SMOLLM_GGUF, need
 
     monkeypatch.setenv("FINE_TUNE_LLM_CACHE", str(tmp_path / "cache"))
-    cfg = make_config("smollm2-135m", base_model=str(need(SMOLLM_DIR) / SMOLLM_GGUF))
+    cfg = make_config("smollm2-135m", base_model=str(need(SMOLLM_DIR) / SMOLLM_GGUF), quantization="4bit")
     tok = load_tokenizer(cfg)
     model = load_model(cfg)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 30 * 7
     out = encode_batch(tok, [build_messages("How do I calm down?")], ["Breathe slowly."], 256)
     trained = [t for t, m in zip(out["input_ids"][0], out["completion_mask"][0]) if m]
     assert tok.decode(trained) == "Breathe slowly.<|im_end|>"
+
+
+def test_lora_input_casts_are_skipped_only_under_autocast_and_restored_after(tmp_path):
+    """Under bf16 autocast peft's cast of each LoRA input to the fp32 adapter dtype is undone by the matmul's own
+    cast: skipped while training. A float32 run keeps it (input and weight dtypes must then match)."""
+    import dataclasses
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from fine_tune_llm.training import lora_inputs_uncast
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    model = add_lora(load_model(dataclasses.replace(cfg, dtype="float32")), cfg)
+    flags = lambda: {m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, BaseTunerLayer)}
+    assert flags() == {True}
+    with lora_inputs_uncast(model, dataclasses.replace(cfg, dtype="bfloat16")):
+        assert flags() == {False}
+    assert flags() == {True}
+    with lora_inputs_uncast(model, dataclasses.replace(cfg, dtype="float32")):
+        assert flags() == {True}
+
+
+def test_group_by_length_reaches_the_trainers_sampler(tmp_path):
+    from fine_tune_llm.training import sft_config
+    from tests.conftest import tiny_config
+
+    assert sft_config(tiny_config(tmp_path), tmp_path).train_sampling_strategy == "random"
+    grouped = sft_config(tiny_config(tmp_path, group_by_length=True), tmp_path)
+    assert grouped.train_sampling_strategy == "group_by_length"
