@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_run(result.run, n_generations=args.generations, max_new_tokens=args.max_new_tokens,
                               metrics_dir=root / "metrics", progress=False)
         rows.append({**row_of(setting, report, result.global_step, t1 - t0, time.perf_counter() - t1),
-                     "sft_train_seconds": sft_seconds, "threads": args.threads or "all", "device": machine()})
+                     "sft_train_seconds": sft_seconds, "threads": args.threads or "all", "device": machine()["device"]})
         print({k: rows[-1][k] for k in ("row", "dpo_margin", "sft_margin", "dpo_perplexity", "goal_met", "why")},
               flush=True)
         write_rows(args.out, rows)
