@@ -11,10 +11,11 @@ SFT one's, while response_j's perplexity rises by at most 10% and the mean gener
 20%. Every setting is a row of the CSV, so a trade-off is shown rather than hidden. Wall times are this machine's.
 
 What it costs. SmolLM2 trains at ~0.5 GFLOP per token forward + backward. A step of 8 rows (~1,000 tokens) took
-~3.5 s on a 2-core CPU with avx512_bf16 (bf16), and ~17 s on a 2-core AVX2-only CPU, where `dtype: auto` trains in
-float32 because bf16 is only emulated. On the AVX2 CPU that is ~75 min for the SFT run. Each DPO setting adds a
-reference pass over the 2,000 pairs (~1 h) and steps of twice the tokens (~2.5 h for one epoch). So run it on a
-bf16-native CPU or a GPU, or use --dpo-max-steps and say so.
+~3.5 s on a 2-core CPU with avx512_bf16 (bf16), and 7-17 s on a 2-core AVX2-only CPU, where `dtype: auto` trains in
+float32 because bf16 is only emulated (a shared machine: the spread is other jobs). On the AVX2 CPU the 2,000-row
+SFT run is 30-75 min. Each DPO setting adds a reference pass over the 2,000 pairs (9.3 s per 8 pairs there: ~40
+min) and steps of twice the tokens (~1-2.5 h for one epoch). So run it on a bf16-native CPU or a GPU, or use
+--dpo-max-steps and say so.
 """
 
 from __future__ import annotations
