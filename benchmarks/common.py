@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fine_tune_llm.hardware import cpu_has_native_bf16
 from fine_tune_llm.manifest import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,8 +92,6 @@ def cpu_description() -> str:
     natively: two CPUs both named "AMD EPYC" differed 10x in a training step (AVX2 float32 against avx512_bf16)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from fine_tune_llm.hardware import cpu_has_native_bf16
-
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
     return f"CPU {cpu_name()} x{os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 

@@ -142,5 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.out} ({machine()})")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
