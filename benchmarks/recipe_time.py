@@ -8,16 +8,18 @@ Each row is the job a user runs, `fine-tune-llm train --preset smollm2-135m --ba
 <the real parquet> --data-samples 2500` (2,000 train rows, one epoch of 250 steps x 8 rows, with the preset's periodic
 evaluations on the validation split and its checkpoints), run through `fine_tune_llm.training.train` in a fresh
 subprocess per row, so each row's peak RSS is its own (the child's ru_maxrss; a sampler thread also splits it by phase:
-model load, training steps, evaluations). Then, in the same child, the trained model is scored on the held-out test
-split with the package's evaluation function (evaluation.score_model: answer perplexity, and the preference margin
-with its bootstrap 95% CI) in the model's own bf16 compute (`fine-tune-llm evaluate` computes in fp32, ~4x slower on
-this CPU; both rows are scored the same way, so they compare).
+model load, training steps, evaluations). Then, in the same child, the row's adapter is scored on the run's saved
+test split with the package's evaluation function (evaluation.score_model: answer perplexity, and the preference
+margin with its bootstrap 95% CI), on the base as released (unquantized weights) as a user runs it after the merge,
+in the compute dtype `auto` picks (bf16 on a bf16-native CPU; `fine-tune-llm evaluate` computes in fp32, ~4x slower
+there). Both rows are scored on the same base the same way, so they compare; up to commit 8d4a0c8 each row was scored
+on its training model, which put `previous` on its NF4 base.
 
 Rows:
   previous      today's preset (commit d305038), every value hard-coded below (PREVIOUS), so this row stays
                 reproducible after the preset changes;
   smollm2-135m  the package's smollm2-135m preset with common.PROPOSED applied on top: the values the preset
-                should carry (once config.py carries them, PROPOSED changes nothing), and common.RUNTIME_PROPOSED,
+                should carry (empty now: config.py carries them all), and common.RUNTIME_PROPOSED,
                 the code levers (the package has lora_nocast since; patching it again changes nothing).
 `previous` trains in bf16 (the old `dtype: auto` on any CPU). On a CPU without avx512_bf16 or AMX (AVX2 only) torch
 emulates bf16: ~190 s per step of that row on a 2-core AVX2 EPYC, ~13 h for the job, while `auto` now picks
@@ -25,29 +27,33 @@ float32 there (~17 s per step). Run this comparison on a CPU with native bf16 (l
 Writes metrics/bench_recipe_cpu.csv: row,seconds,peak_rss_gb,heldout_ppl,heldout_margin, then the details (margin
 CI, evaluation seconds, CPU seconds, peak RSS per phase, RSS every 10 steps, the resolved config).
 
-Measured (the committed CSV: --threads 1, the 2-core AMD EPYC shared with a throughput benchmark and other jobs, so
-read the seconds as +-15%):
-  previous      1360 s (5 evaluations: 273 s), peak RSS 7.27 GB, held-out perplexity 3.089, margin 2.044
-                [1.966, 2.123]
-  smollm2-135m   956 s (2 evaluations: 103 s), peak RSS 5.73 GB, held-out perplexity 2.937, margin 1.942
-                [1.871, 2.017]
-  new / previous = 0.70x. The goals (<= 0.5x, <= 3 GB, perplexity within 2%, margin within its CI) are not all met:
-  training steps are now mostly matmuls (train_throughput.py: `mfu`), and an evaluation is a forward pass over the
-  252 validation rows (~40 s whatever the attention layout), so what is left is FLOPs. Perplexity is 4.9% *lower*
-  and the margin 0.10 lower because the base differs (bf16 instead of NF4), not the training: the untuned bases
-  score perplexity 8.99 (NF4) / 7.29 (bf16) and margin 1.196 [1.124, 1.273] / 1.113 [1.043, 1.185] on the same
-  test rows, so training moved the margin by +0.848 (previous) and +0.830 (new), the same within the CIs.
-  Keeping 4-bit (speed-neutral: train_throughput.py row ours+4bit) would keep the previous base.
+Measured (the committed CSV: --threads 1, the 2-core AMD EPYC with avx512_bf16 whose other core ran a DPO job the
+whole time, so read the seconds as +-15%; both rows scored on the released base, bf16):
+  previous      1869 s (5 evaluations: 393 s), peak RSS 7.29 GB, held-out perplexity 3.219, margin 1.871
+                [1.799, 1.948]
+  smollm2-135m  1495 s (2 evaluations: 142 s), peak RSS 3.71 GB, held-out perplexity 2.968, margin 1.894
+                [1.822, 1.968]
+  new / previous = 0.80x the seconds; peak RSS 0.51x; margin inside previous's CI; perplexity 7.8% lower (better:
+  the adapter trained against the weights it is scored on, not against NF4). Goals met: margin, memory halved;
+  not met: <= 0.5x the seconds and <= 3 GB. The preset then was 8 x 1, eager, no length grouping; the run before
+  (an earlier CSV, same machine type, each row scored on its own training model) measured 1360 s / 956 s = 0.70x
+  and 7.27 / 5.73 GB for the preset without grouping, SDPA and 4 x 2.
+60-step A/B runs of the preset (one core each, the other core busy; seconds for steps 10-60, peak RSS):
+  8 x 1 eager: 212 s, 4.09 GB;  + group_by_length: 178 s, 4.52 GB (the longest batch at 384 tokens);
+  + pad_to_multiple_of 64 (fewer distinct shapes for oneDNN's cache): 222 s, 3.94 GB (slower, not taken);
+  8 x 1 + group_by_length, SDPA: 247 s, 4.20 GB;
+  4 x 2 + group_by_length: eager 213 s, 3.43 GB; SDPA 236 s, 3.24 GB (the preset: SDPA for memory, 1.11x slower).
+  So grouping is the speed lever that landed; SDPA and 4 x 2 trade a little speed for memory, and the job's peak is
+  now its RSS growth (2.2 GB at step 10, 3.6 GB at step 250), not one batch.
 Where the memory goes (phases from the sampler; 40-step A/B runs for the allocator):
   GGUF -> bf16 safetensors conversion: 1.3 GB peak, once (cached). Imports + data + model: 1.0-1.4 GB. Evaluations
-  never set the peak. Training does: RSS climbs with the run (new: 3.1 GB at step 10, 5.7 GB at step 250; previous,
-  whose packed batches allocate 850 x 850 attention buffers: 3.5 -> 7.3 GB). It is mostly freed memory glibc keeps:
-  with large blocks returned to the OS (a static 128 KB mmap threshold) or malloc_trim(0) after every step, 40 steps
-  end at 1.85 GB instead of 3.8 GB - but cost 2.4x and 1.4x the step time (first-touch page faults are slow in this
-  VM). What remains grows ~13 MB per step in both variants; about half of it is oneDNN's primitive cache (padded
-  batches give new matmul shapes every step, each cached with its scratch buffers, up to 1,024 entries: with
-  ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 the growth was ~6 MB per step); the rest was not pinned down. The packed
-  batches of the previous preset add their 850 x 850 attention buffers on top (previous: 7.3 GB).
+  never set the peak. Training does: RSS climbs with the run. It is mostly freed memory glibc keeps: with large
+  blocks returned to the OS (a static 128 KB mmap threshold) or malloc_trim(0) after every step, 40 steps end at
+  1.85 GB instead of 3.8 GB - but cost 2.4x and 1.4x the step time (first-touch page faults are slow in this VM).
+  What remains grows ~13 MB per step; about half of it is oneDNN's primitive cache (padded batches give new matmul
+  shapes every step, each cached with its scratch buffers, up to 1,024 entries: with
+  ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 the growth was ~6 MB per step); the rest was not pinned down. Next lever for
+  the 3 GB goal: malloc_trim every ~25 steps (the growth, not one batch, now sets the peak).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -196,14 +203,30 @@ def instrument(phases: Phases, runtime: dict) -> None:
     training.build_trainer = build_trainer
 
 
+def released_model(cfg):
+    """The row's adapter on the base as released (unquantized weights), computing in the dtype `auto` picks here
+    (bf16 on a bf16-native CPU): what a user of either recipe runs after the merge. Scoring the training model
+    instead would score `previous` on its NF4 base, whose own perplexity is 23% worse (8.99 against 7.29), and the
+    rows would differ by their bases, not by their training."""
+    from peft import PeftModel
+
+    from fine_tune_llm.modeling import load_model, torch_dtype
+    from fine_tune_llm.run import RunDir
+
+    released = dataclasses.replace(cfg, quantization="none", dtype="auto")
+    base = load_model(released, quantize=False, dtype=torch_dtype(released))
+    model = PeftModel.from_pretrained(base, str(RunDir.of(cfg.output_dir).adapter_dir), is_trainable=False)
+    return model.eval()
+
+
 def child(name: str, a) -> dict:
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from fine_tune_llm.data import load_splits
-    from fine_tune_llm.evaluation import score_model
+    from fine_tune_llm.evaluation import eval_rows, score_model
     from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.run import RunDir
     from fine_tune_llm.training import train
 
     phases = Phases().start()
@@ -216,11 +239,12 @@ def child(name: str, a) -> dict:
         seconds, cpu_seconds = time.perf_counter() - wall0, time.process_time() - cpu0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         phases.phase = "heldout"
-        model = result.model
-        apply_runtime(model, {k: False for k in runtime})  # scoring runs without autocast: peft's casts back on
-        model.eval()
+        steps, train_loss, eval_loss = result.global_step, result.train_loss, result.eval_loss
+        del result  # the training model: each row is scored on the same released base instead (released_model)
+        gc.collect()
+        model = released_model(cfg)
         tokenizer = load_tokenizer(cfg)
-        test = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)["test"]
+        test = eval_rows(RunDir.of(cfg.output_dir), "test")  # the run's own saved test split
         t0 = time.perf_counter()
         m = score_model(model, tokenizer, cfg, test, batch_size=8, progress=False)
         heldout_seconds = time.perf_counter() - t0
@@ -231,8 +255,8 @@ def child(name: str, a) -> dict:
         "heldout_ppl": round(m["perplexity"], 4), "heldout_margin": round(m.get("mean_margin", float("nan")), 4),
         "heldout_margin_ci95_low": round(lo, 4), "heldout_margin_ci95_high": round(hi, 4),
         "heldout_rows": len(test), "heldout_pairs": m.get("pairs", 0), "heldout_seconds": round(heldout_seconds, 1),
-        "cpu_seconds": round(cpu_seconds, 1), "train_steps": result.global_step, "evals": phases.evals,
-        "eval_seconds": round(phases.eval_seconds, 1), "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+        "cpu_seconds": round(cpu_seconds, 1), "train_steps": steps, "evals": phases.evals,
+        "eval_seconds": round(phases.eval_seconds, 1), "train_loss": train_loss, "eval_loss": eval_loss,
         "peak_rss_load_gb": round(phases.peak.get("load", 0.0), 2),
         "peak_rss_train_gb": round(phases.peak.get("train", 0.0), 2),
         "peak_rss_eval_gb": round(phases.peak.get("eval", 0.0), 2),
