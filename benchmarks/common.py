@@ -26,8 +26,9 @@ SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct
 # The proposed smollm2-135m preset: changes to config.PRESETS["smollm2-135m"] measured here before the preset carries
 # them (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job), applied on top of
 # the package's preset. Landed in config.py since: padding_free False (1.36x), quantization none (speed-neutral, the
-# released weights), eval/save every 125 steps (170 s of 1,360). Still proposed:
-PROPOSED: dict = {}  # every proposed value is in the smollm2-135m preset now (group_by_length, sdpa, 4 x 2)
+# released weights), eval/save every 125 steps (170 s of 1,360), then group_by_length, SDPA and 4 x 2 (recipe_time.py).
+# Still proposed: nothing.
+PROPOSED: dict = {}
 # Levers that are code, not config values. lora_nocast: peft casts every LoRA layer's input to the adapter's fp32
 # dtype and bf16 autocast casts it back for the matmul; training.train now skips the cast under autocast
 # (training.lora_inputs_uncast: exact, 1.05x, row ours+lora-cast). Kept here for the benchmarks that run the

@@ -210,16 +210,12 @@ def released_model(cfg):
     """The row's adapter on the base as released (unquantized weights), computing in the dtype `auto` picks here
     (bf16 on a bf16-native CPU): what a user of either recipe runs after the merge. Scoring the training model
     instead would score `previous` on its NF4 base, whose own perplexity is 23% worse (8.99 against 7.29), and the
-    rows would differ by their bases, not by their training."""
-    from peft import PeftModel
-
-    from fine_tune_llm.modeling import load_model, torch_dtype
+    rows would differ by their bases, not by their training. Returns (model, tokenizer)."""
+    from fine_tune_llm.evaluation import load_for_eval
     from fine_tune_llm.run import RunDir
 
-    released = dataclasses.replace(cfg, quantization="none", dtype="auto")
-    base = load_model(released, quantize=False, dtype=torch_dtype(released))
-    model = PeftModel.from_pretrained(base, str(RunDir.of(cfg.output_dir).adapter_dir), is_trainable=False)
-    return model.eval()
+    released = dataclasses.replace(cfg, quantization="none")
+    return load_for_eval(released, RunDir.of(cfg.output_dir).adapter_dir, dtype="auto")
 
 
 def child(name: str, a) -> dict:
@@ -228,7 +224,6 @@ def child(name: str, a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     from fine_tune_llm.evaluation import eval_rows, score_model
-    from fine_tune_llm.modeling import load_tokenizer
     from fine_tune_llm.run import RunDir
     from fine_tune_llm.training import train
 
@@ -245,8 +240,7 @@ def child(name: str, a) -> dict:
         steps, train_loss, eval_loss = result.global_step, result.train_loss, result.eval_loss
         del result  # the training model: each row is scored on the same released base instead (released_model)
         gc.collect()
-        model = released_model(cfg)
-        tokenizer = load_tokenizer(cfg)
+        model, tokenizer = released_model(cfg)
         test = eval_rows(RunDir.of(cfg.output_dir), "test")  # the run's own saved test split
         t0 = time.perf_counter()
         m = score_model(model, tokenizer, cfg, test, batch_size=8, progress=False)
