@@ -105,7 +105,8 @@ PREVIOUS = {
 }
 
 ROWS = {
-    "previous": {"base": "previous"},
+    # Without the freed-memory trim (trainer.ReturnFreedMemory), which the package's CPU runs have had since.
+    "previous": {"base": "previous", "trim": False},
     # The package's preset + PROPOSED (config values) + RUNTIME_PROPOSED (code levers, patched in for training).
     "smollm2-135m": {"base": "preset", "config": PROPOSED, "runtime": RUNTIME_PROPOSED},
 }
@@ -167,12 +168,14 @@ class Phases:
         self._thread.join()
 
 
-def instrument(phases: Phases, runtime: dict) -> None:
+def instrument(phases: Phases, runtime: dict, trim: bool = True) -> None:
     """Wrap training.build_trainer so the trainer reports its phases (no change to what it computes), and apply the
-    row's code levers (common.apply_runtime) to the model it trains."""
+    row's code levers (common.apply_runtime) to the model it trains; trim=False removes the package's freed-memory
+    trim, as the `previous` recipe ran."""
     from transformers import TrainerCallback
 
     from fine_tune_llm import training
+    from fine_tune_llm.trainer import ReturnFreedMemory
 
     original = training.build_trainer
 
@@ -188,6 +191,8 @@ def instrument(phases: Phases, runtime: dict) -> None:
     def build_trainer(*args, **kwargs):
         trainer = original(*args, **kwargs)
         apply_runtime(trainer.model, runtime)
+        if not trim:
+            trainer.remove_callback(ReturnFreedMemory)
         trainer.add_callback(_Cb())
         evaluate = trainer.evaluate
 
@@ -229,7 +234,7 @@ def child(name: str, a) -> dict:
 
     phases = Phases().start()
     runtime = ROWS[name].get("runtime", {})
-    instrument(phases, runtime)
+    instrument(phases, runtime, trim=ROWS[name].get("trim", True))
     with tempfile.TemporaryDirectory(prefix=f"recipe-{name}-") as tmp:
         cfg = row_config(name, a, Path(tmp))
         wall0, cpu0 = time.perf_counter(), time.process_time()

@@ -111,6 +111,12 @@ class TrainConfig:
         "Batch rows of similar length together (transformers' LengthGroupedSampler: random batches, each drawn "
         "from a length-sorted pool) so a padded batch carries little padding. Off where padding_free already "
         "wastes nothing; the CPU preset pads, and there it saves the ~22% of a step spent on padding."))
+    pad_to_multiple_of: int | None = option(None, help=(
+        "Pad each batch's length up to a multiple of this (None: to its longest row). On CPU every new matmul "
+        "shape gets its own oneDNN primitive, kept with its buffers in a cache of up to 1,024: padded batches of "
+        "every length fill it and the process grows by ~0.35 GB. Multiples of 16 leave ~10 lengths: peak RSS "
+        "2.66 against 3.14 GB, the same step time (60-step A/B, benchmarks/recipe_time.py). TRL pads to 128 on "
+        "Neuron for the same reason: one compilation per shape."))
     attn_implementation: str = option("sdpa", help=(
         "\"sdpa\" is fastest on GPU; eager is faster on CPU for short sequences (see benchmarks/)."))
     loss_impl: str = option("auto", help=(
@@ -186,14 +192,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": "adamw_torch",
         "lora_dropout": 0.0,
         "gradient_checkpointing": False,
-        # Memory, at a cost in speed: eager attention keeps every layer's L x L probabilities (fp32 and bf16)
-        # for the backward; SDPA's CPU kernel keeps none. 60-step A/B at 4 x 2: peak RSS 3.24 against 3.43 GB,
-        # step time 1.11x eager's (benchmarks/recipe_time.py docstring). "eager" is the faster choice.
-        "attn_implementation": "sdpa",
-        # 4 rows x 2 accumulated = the same 8-row update with half the activations at once: peak RSS 3.2
-        # against 4.2 GB for 8 x 1 in a 60-step A/B (SDPA), the same step time within the A/B's noise.
+        # Eager: SDPA's CPU kernel keeps no L x L probabilities for the backward, but the rows here are short (the
+        # longest is 181 tokens), so that saves little (3.11 against 3.14 GB at 4 x 2) and costs 1.20x the step
+        # time (60-step A/B runs, benchmarks/recipe_time.py docstring).
+        "attn_implementation": "eager",
+        # 4 rows x 2 accumulated = the same 8-row update with half the activations at once: the longest batch's
+        # activations are most of a step's peak (~1.5 MB per token), so peak RSS 3.14 against 4.0 GB for 8 x 1,
+        # at 1.11x the step time (60-step A/B runs). This preset is sized for a 3 GB budget; 8 x 1 is the faster
+        # choice where memory is plentiful.
         "batch_size": 4,
         "grad_accum": 2,
+        # A bounded set of batch shapes, so oneDNN's primitive cache stops growing (see the field's help).
+        "pad_to_multiple_of": 16,
         # Rows of similar length share a batch: 1.1% of a batch is padding instead of 22.4%
         # (benchmarks/padding.py): 0.84x the step time in a 60-step A/B (eager, 8 x 1).
         "group_by_length": True,
@@ -365,6 +375,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.lora_dropout < 1, ["lora_dropout"], "in [0, 1)"),
         (cfg.max_length >= 16, ["max_length"], "at least 16"),
         (cfg.batch_size > 0, ["batch_size"], "positive"),
+        (cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of > 0, ["pad_to_multiple_of"], "positive or None"),
         (cfg.grad_accum > 0, ["grad_accum"], "positive"),
         (cfg.data_samples is None or cfg.data_samples > 0, ["data_samples"], "positive or None"),
         (0 <= cfg.val_fraction < 1, ["val_fraction"], "in [0, 1)"),

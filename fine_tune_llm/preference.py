@@ -26,7 +26,7 @@ from .memory_estimate import refuse_if_too_big
 from .modeling import load_model, load_tokenizer, prepare_for_training, restore_trainable_dtype
 from .run import RunDir
 from .stages import parent_of, record_parent
-from .trainer import CompletionMarker, GuardedDPOTrainer, StopOnSigint
+from .trainer import GuardedDPOTrainer, StopOnSigint, default_callbacks
 from .training import TrainResult, finish, is_main_process, lora_inputs_uncast
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> Trai
         trainer = GuardedDPOTrainer(
             model=model, ref_model=None, args=args, train_dataset=_columns(data["train"]),
             eval_dataset=_columns(data["validation"]) if len(data["validation"]) else None, processing_class=tokenizer,
-            callbacks=[CompletionMarker(), sigint.callback()])
+            callbacks=[*default_callbacks(), sigint.callback()])
         restore_trainable_dtype(trainer.model, cfg)  # DPOTrainer casts QLoRA adapters to bf16 as SFTTrainer does
         log.info("reference log-probs of %d pairs computed in %.0f s", len(data["train"]), time.time() - t0)
         with lora_inputs_uncast(model, cfg):  # training steps only: the reference pass above may run without autocast

@@ -7,6 +7,9 @@ Training-only: this module imports TRL (about 18 s cold), so only `training.py` 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import signal
 
@@ -116,6 +119,49 @@ class CompletionMarker(TrainerCallback):
         return control
 
 
+class ReturnFreedMemory(TrainerCallback):
+    """Every `every` optimizer steps and after each evaluation, hands the memory the C allocator holds free back to
+    the OS (glibc's malloc_trim). A CPU step frees activations of a different shape every batch, and glibc keeps the
+    freed pages: SmolLM2's CPU job grew from 2.2 GB at step 10 to 3.6 GB at step 250 without it, and levels off at
+    ~2 GB with it (benchmarks/recipe_time.py). Every 10 steps costs 1.01x the time; after every step it cost 1.4x
+    (the pages given back are faulted in again, slowly in a VM). A no-op where there is no glibc (macOS, musl)."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            release_freed_memory()
+        return control
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        release_freed_memory()
+        return control
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> bool:
+    """malloc_trim(0): True when glibc returned memory to the OS."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+def default_callbacks() -> list[TrainerCallback]:
+    """The callbacks every stage's trainer runs with: completion markers, and on CPU the freed-memory trim."""
+    callbacks: list[TrainerCallback] = [CompletionMarker()]
+    if not torch.cuda.is_available():  # host memory is what a CPU run is short of; a GPU run's peak is VRAM
+        callbacks.append(ReturnFreedMemory())
+    return callbacks
+
+
 class StopOnSigint:
     """First Ctrl-C (or SIGTERM, what schedulers and spot preemption send): finish the current step, save a
     checkpoint, the adapter and the metrics, then stop. Second Ctrl-C: stop at once."""
@@ -168,5 +214,6 @@ def trainer_class(answer_only_loss: bool) -> type[GuardedSFTTrainer]:
     return AnswerOnlySFTTrainer if answer_only_loss else GuardedSFTTrainer
 
 
-__all__ = ["AnswerOnlySFTTrainer", "CompletionMarker", "GuardedDPOTrainer", "GuardedSFTTrainer", "SigintCallback",
-           "StopOnSigint", "TrainingGuards", "all_ranks", "trainer_class"]
+__all__ = ["AnswerOnlySFTTrainer", "CompletionMarker", "GuardedDPOTrainer", "GuardedSFTTrainer", "ReturnFreedMemory",
+           "SigintCallback", "StopOnSigint", "TrainingGuards", "all_ranks", "default_callbacks", "release_freed_memory",
+           "trainer_class"]

@@ -29,7 +29,7 @@ from .hardware import check_environment, resolved
 from .memory_estimate import refuse_if_too_big
 from .modeling import add_lora, load_model, load_tokenizer, restore_trainable_dtype
 from .run import ADAPTER_CONFIG_FILE, RunDir, write_config_file
-from .trainer import CompletionMarker, StopOnSigint, trainer_class
+from .trainer import StopOnSigint, default_callbacks, trainer_class
 
 log = logging.getLogger(__name__)
 TOKEN_COLUMNS = ["input_ids", "completion_mask"]
@@ -131,7 +131,8 @@ def sft_config(cfg: TrainConfig, run_dir: Path):
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
         # Rows are truncated at tokenization (ours keeps the answer mask exact); TRL need not truncate again.
-        max_length=None, padding_free=cfg.padding_free, completion_only_loss=True,
+        max_length=None, padding_free=cfg.padding_free, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        completion_only_loss=True,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         prediction_loss_only=True, dataloader_num_workers=0, disable_tqdm=False,
     )
@@ -146,7 +147,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, run: Ru
     cls = trainer_class(answer_only_loss=wanted(cfg.loss_impl))
     trainer = cls(model=model, args=sft_config(cfg, run.path), train_dataset=train_ds.select_columns(TOKEN_COLUMNS),
                   eval_dataset=eval_ds.select_columns(TOKEN_COLUMNS), processing_class=tokenizer,
-                  callbacks=[CompletionMarker(), *callbacks])
+                  callbacks=[*default_callbacks(), *callbacks])
     restore_trainable_dtype(trainer.model, cfg)  # TRL casts QLoRA adapters to bf16; fp16/fp32 runs need fp32
     return trainer
 

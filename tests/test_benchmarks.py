@@ -52,9 +52,9 @@ def test_recipe_previous_row_ignores_the_current_preset(tmp_path):
     new = recipe_time.row_config("smollm2-135m", a, tmp_path)
     for key, value in recipe_time.PROPOSED.items():
         assert getattr(new, key) == value, key
-    # The new row is the package's preset: length-grouped batches of 4 x 2 with SDPA, unquantized.
-    assert (new.group_by_length, new.attn_implementation, new.batch_size, new.grad_accum, new.quantization) == (
-        True, "sdpa", 4, 2, "none")
+    # The new row is the package's preset: length-grouped batches of 4 x 2 padded to 16, eager, unquantized.
+    assert (new.group_by_length, new.attn_implementation, new.batch_size, new.grad_accum, new.quantization,
+            new.pad_to_multiple_of) == (True, "eager", 4, 2, "none", 16)
     assert new.batch_size * new.grad_accum == cfg.batch_size * cfg.grad_accum  # the same update per step
 
 

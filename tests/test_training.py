@@ -158,3 +158,31 @@ def test_group_by_length_reaches_the_trainers_sampler(tmp_path):
     assert sft_config(tiny_config(tmp_path), tmp_path).train_sampling_strategy == "random"
     grouped = sft_config(tiny_config(tmp_path, group_by_length=True), tmp_path)
     assert grouped.train_sampling_strategy == "group_by_length"
+
+
+def test_pad_to_multiple_of_bounds_batch_shapes_and_keeps_the_loss(tmp_path):
+    """Batches come out at multiples of 16 tokens, the pad tokens carry no loss, and the answer-only loss of a
+    batch is the same padded to 16 as padded to its longest row."""
+    import dataclasses
+
+    from fine_tune_llm.training import build_trainer, prepare_data
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, padding_free=False, dtype="float32", quantization="none", pad_to_multiple_of=16)
+    tok = load_tokenizer(cfg)
+    data = prepare_data(cfg, tok)
+    model = add_lora(load_model(cfg), cfg)
+    losses = {}
+    for pad in (16, None):
+        trainer = build_trainer(dataclasses.replace(cfg, pad_to_multiple_of=pad), model, tok, data.tokenized["train"],
+                                data.tokenized["validation"], tmp_path / f"run{pad}")
+        batch = next(iter(trainer.get_eval_dataloader()))
+        rows = data.tokenized["validation"].select(range(len(batch["input_ids"])))
+        longest = max(len(ids) for ids in rows["input_ids"])
+        assert longest % 16, "the sample batch must need padding for this test to show anything"
+        assert batch["input_ids"].shape[1] == (-(-longest // 16) * 16 if pad else longest)
+        assert int((batch["labels"] != -100).sum()) == sum(map(sum, rows["completion_mask"]))
+        model.eval()
+        with torch.no_grad():
+            losses[pad] = float(trainer.compute_loss(model, batch))
+    assert losses[16] == pytest.approx(losses[None], rel=1e-5)
