@@ -26,7 +26,8 @@ SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct
 # The proposed smollm2-135m preset: changes to config.PRESETS["smollm2-135m"] measured here before the preset carries
 # them (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job), applied on top of
 # the package's preset. Landed in config.py since: padding_free False (1.36x), quantization none (speed-neutral, the
-# released weights), eval/save every 125 steps (170 s of 1,360), then group_by_length, SDPA and 4 x 2 (recipe_time.py).
+# released weights), eval/save every 125 steps (170 s of 1,360), then group_by_length and 4 x 2, then eager again
+# (SDPA: 1.20x the step time for little memory on these short rows) and pad_to_multiple_of 16 (recipe_time.py).
 # Still proposed: nothing.
 PROPOSED: dict = {}
 # Levers that are code, not config values. lora_nocast: peft casts every LoRA layer's input to the adapter's fp32

@@ -27,36 +27,44 @@ float32 there (~17 s per step). Run this comparison on a CPU with native bf16 (l
 Writes metrics/bench_recipe_cpu.csv: row,seconds,peak_rss_gb,heldout_ppl,heldout_margin, then the details (margin
 CI, evaluation seconds, CPU seconds, peak RSS per phase, RSS every 10 steps, the resolved config).
 
-Measured (the committed CSV: --threads 1, the 2-core AMD EPYC with avx512_bf16 whose other core ran a DPO job the
-whole time, so read the seconds as +-15%; both rows scored on the released base, bf16):
-  previous      1869 s (5 evaluations: 393 s), peak RSS 7.29 GB, held-out perplexity 3.219, margin 1.871
+Measured (the committed CSV: --threads 1, the 2-core AMD EPYC with avx512_bf16, the other core idle; both rows
+scored on the released base, bf16):
+  previous      1382 s (5 evaluations: 293 s), peak RSS 7.80 GB, held-out perplexity 3.219, margin 1.871
                 [1.799, 1.948]
-  smollm2-135m  1495 s (2 evaluations: 142 s), peak RSS 3.71 GB, held-out perplexity 2.968, margin 1.894
-                [1.822, 1.968]
-  new / previous = 0.80x the seconds; peak RSS 0.51x; margin inside previous's CI; perplexity 7.8% lower (better:
-  the adapter trained against the weights it is scored on, not against NF4). Goals met: margin, memory halved;
-  not met: <= 0.5x the seconds and <= 3 GB. The preset then was 8 x 1, eager, no length grouping; the run before
-  (an earlier CSV, same machine type, each row scored on its own training model) measured 1360 s / 956 s = 0.70x
-  and 7.27 / 5.73 GB for the preset without grouping, SDPA and 4 x 2.
-60-step A/B runs of the preset (one core each, the other core busy; seconds for steps 10-60, peak RSS):
-  8 x 1 eager: 212 s, 4.09 GB;  + group_by_length: 178 s, 4.52 GB (the longest batch at 384 tokens);
-  + pad_to_multiple_of 64 (fewer distinct shapes for oneDNN's cache): 222 s, 3.94 GB (slower, not taken);
-  8 x 1 + group_by_length, SDPA: 247 s, 4.20 GB;
-  4 x 2 + group_by_length: eager 213 s, 3.43 GB; SDPA 236 s, 3.24 GB (the preset: SDPA for memory, 1.11x slower).
-  So grouping is the speed lever that landed; SDPA and 4 x 2 trade a little speed for memory, and the job's peak is
-  now its RSS growth (2.2 GB at step 10, 3.6 GB at step 250), not one batch.
-Where the memory goes (phases from the sampler; 40-step A/B runs for the allocator):
-  GGUF -> bf16 safetensors conversion: 1.3 GB peak, once (cached). Imports + data + model: 1.0-1.4 GB. Evaluations
-  never set the peak. Training does: RSS climbs with the run. It is mostly freed memory glibc keeps: with large
-  blocks returned to the OS (a static 128 KB mmap threshold) or malloc_trim(0) after every step, 40 steps end at
-  1.85 GB instead of 3.8 GB - but cost 2.4x and 1.4x the step time (first-touch page faults are slow in this VM).
-  What remains grows ~13 MB per step; about half of it is oneDNN's primitive cache (padded batches give new matmul
-  shapes every step, each cached with its scratch buffers, up to 1,024 entries: with
-  ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 the growth was ~6 MB per step); the rest was not pinned down. Next lever for
-  the 3 GB goal, measured but not landed: malloc_trim(0) every 10 steps (a trainer callback). 60-step A/B of the
-  preset, both runs side by side on the 2 cores: RSS at steps 10..60 1.65-1.96 GB against 2.17-3.01 GB, peak 3.04
-  against 3.23 GB, steps 10-60 in 412 s against 407 s (1.01x), the same losses to every digit. Not yet shown on a
-  whole job.
+  smollm2-135m  903 s (2 evaluations: 92 s), peak RSS 2.89 GB, held-out perplexity 2.969, margin 1.891
+                [1.819, 1.966]
+  new / previous = 0.65x the seconds (a training step 3.2 s against 4.3 s, evaluations 92 s against 293 s); peak
+  RSS 2.89 GB (<= 3 GB: met); margin inside previous's CI; perplexity 7.8% lower (better: the adapter trained
+  against the weights it is scored on, not against NF4). Not met: <= 0.5x the seconds. RSS at the end of every
+  10th step went 1.40 -> 1.72 GB over the run (previous: 3.59 -> 6.83 GB); the peak is the longest batch's
+  activations on top of that. The earlier CSV (commit 1a229fd; 4 x 2 SDPA, no trim, no padding to 16; the other
+  core busy) measured 1495 s / 1869 s = 0.80x and 3.71 GB.
+60-step A/B runs (an earlier machine of the same type, one core each, the other core busy; seconds for steps
+10-60, peak RSS): 8 x 1 eager 212 s, 4.09 GB; + group_by_length 178 s, 4.52 GB; + pad_to_multiple_of 64: 222 s
+(slower, not taken); 8 x 1 grouped SDPA 247 s, 4.20 GB; 4 x 2 grouped: eager 213 s, 3.43 GB, SDPA 236 s, 3.24 GB.
+60-step A/B runs of this commit's levers (AMD EPYC, avx512_bf16, two runs side by side on the 2 cores, one thread
+each; seconds for steps 10-60 without evaluations; peak RSS of the training phase; RSS at the end of step 60):
+  previous (NF4, packed, 8 x 1, eager, no trim)             243 s   5.45 GB   (4.97 GB)
+  8 x 1 grouped eager + trim                                150 s   3.99 GB   (1.96 GB)
+  4 x 2 grouped SDPA + trim                                 199 s   3.10 GB   (1.97 GB)
+  4 x 2 grouped SDPA + trim, ONEDNN_PRIMITIVE_CACHE_CAPACITY=16   230 s   2.61 GB   (1.62 GB)
+  4 x 2 grouped eager + trim                                166 s   3.14 GB   (1.96 GB)
+  4 x 2 grouped eager + trim + pad_to_multiple_of 16        167 s   2.63 GB   (1.57 GB)   <- the preset
+  (trim: trainer.ReturnFreedMemory, malloc_trim(0) every 10 steps and after each evaluation.)
+Where the memory goes:
+  Imports 0.86 GB (torch's CUDA build alone maps 0.52 GB of libraries), tokenizer + data + bf16 model + LoRA 1.03
+  GB; the GGUF -> bf16 safetensors conversion peaks at 1.3 GB, once (cached). Then two things:
+  - what a step leaves behind: without the trim, RSS climbed through the run (2.2 GB at step 10, 3.6 GB at step
+    250), mostly freed memory glibc keeps (malloc_trim(0) after every step ended 40 steps at 1.85 GB instead of
+    3.8 GB, but cost 1.4x the step time: first-touch page faults are slow in this VM; every 10 steps costs 1.01x).
+    With the trim, what stays is oneDNN's primitive cache: every new matmul shape is a new primitive kept with its
+    buffers, up to 1,024 of them, ~0.35 GB here (capping the cache at 16 entries gave the same 0.35 GB back at
+    1.15x the step time: primitives rebuilt). Padding batch lengths to a multiple of 16 gets it back for free: ~10
+    lengths instead of ~140, so the cache fills with what is reused.
+  - the longest batch's activations for the backward: ~1.5 MB per token (30 layers; fp32 RMSNorm copies, the MLP's
+    gate/up/act/product, the projections' inputs, eager's L x L probabilities), ~1.1 GB for 4 rows of ~180 tokens,
+    ~2 GB for 8. Hence 4 x 2 (1.11x the step time of 8 x 1); SDPA saves only the probabilities (short rows here) at
+    1.20x the step time; gradient checkpointing would save most of the rest at ~1.3x.
 """
 
 from __future__ import annotations
