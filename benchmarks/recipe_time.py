@@ -51,6 +51,7 @@ each; seconds for steps 10-60 without evaluations; peak RSS of the training phas
   4 x 2 grouped eager + trim                                166 s   3.14 GB   (1.96 GB)
   4 x 2 grouped eager + trim + pad_to_multiple_of 16        167 s   2.63 GB   (1.57 GB)   <- the preset
   (trim: trainer.ReturnFreedMemory, malloc_trim(0) every 10 steps and after each evaluation.)
+  A later pair, this commit's code: the preset 172 s, 2.70 GB; the preset at 8 x 1 163 s (1.06x faster), 3.69 GB.
 Where the memory goes:
   Imports 0.86 GB (torch's CUDA build alone maps 0.52 GB of libraries), tokenizer + data + bf16 model + LoRA 1.03
   GB; the GGUF -> bf16 safetensors conversion peaks at 1.3 GB, once (cached). Then two things:
