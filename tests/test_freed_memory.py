@@ -1,5 +1,7 @@
 """The CPU trainer hands freed memory back to the OS (trainer.ReturnFreedMemory): what it releases, and when."""
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -7,10 +9,12 @@ import torch
 
 from fine_tune_llm import trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from common import rss_gb  # the benchmarks' RSS reader, from /proc
+
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
+    return rss_gb() * 1024
 
 
 @pytest.mark.skipif(trainer._malloc_trim() is None, reason="no glibc malloc_trim on this platform")
