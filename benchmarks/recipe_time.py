@@ -139,7 +139,8 @@ def row_config(name: str, a, out_dir: Path):
         values = {k: v for k, v in {**defaults, **PREVIOUS, **job}.items() if v is not None and k != "preset"}
         return dataclasses.replace(make_config("gemma-2b-it", **values), preset=PREVIOUS["preset"])
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return make_config("smollm2-135m", **{k: v for k, v in {**spec.get("config", {}), **job}.items() if k in known})
+    values = {**spec.get("config", {}), **dict(getattr(a, "set", None) or []), **job}
+    return make_config("smollm2-135m", **{k: v for k, v in values.items() if k in known})
 
 
 def model_and_data(a) -> tuple[str, str]:
@@ -285,6 +286,8 @@ def run_child(name: str, a) -> dict:
                "--dataset", a.dataset, "--data-samples", str(a.data_samples), "--max-steps", str(a.max_steps)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
+        for key, value in a.set or []:
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(cmd, env=env, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the maximum over all children
@@ -296,6 +299,16 @@ def run_child(name: str, a) -> dict:
     return row
 
 
+def setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=JSON, e.g. lora_layers=10")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # a bare string: --set attn_implementation=sdpa
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
@@ -304,6 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-samples", type=int, default=2500, help="2500 = 2,000 train rows, 250 steps x 8")
     p.add_argument("--max-steps", type=int, default=0, help="cap the steps (tests); 0 = one epoch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--set", action="append", type=setting, metavar="FIELD=JSON",
+                   help="try a config value on the smollm2-135m row (repeatable), e.g. --set lora_layers=10")
     p.add_argument("--out", default=str(REPO / "metrics" / "bench_recipe_cpu.csv"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -320,6 +335,11 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
+    from fine_tune_llm.config import field_names
+
+    bad = [k for k, _ in a.set or [] if k not in field_names()]
+    if bad:
+        p.error(f"--set: unknown config field(s) {bad}")
     rows = []
     for name in names:
         print(f"row {name}: training in a fresh process ...", flush=True)

@@ -77,6 +77,10 @@ class TrainConfig:
         "Light regularisation for a ~8k-row dataset; 0 on CPU where dropout masks dominate step time."))
     target_modules: list[str] = option(ALL_LINEAR, factory=True, help=(  # noqa: RUF009 - a fresh list per config
         "Every linear projection: the QLoRA paper found attention-only LoRA loses quality."))
+    lora_layers: int | None = option(None, help=(
+        "Adapt only the top N transformer blocks (None: all of them). Below the lowest adapted block nothing "
+        "needs a gradient, so the backward pass stops there and keeps no activations for those blocks: a CPU "
+        "step costs about forward + N/L of the backward. None by default: on a GPU the full backward is cheap."))
 
     # --- optimisation -------------------------------------------------------------------------------
     learning_rate: float = option(2e-4, help=(
@@ -330,7 +334,7 @@ STAGE_DEFAULTS: dict[str, dict[str | None, dict[str, Any]]] = {
 # What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
 INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
              "data_samples", "val_fraction", "test_fraction", "system_prompt", "max_length", "quantization", "lora_r",
-             "lora_alpha", "target_modules", "seed")
+             "lora_alpha", "target_modules", "lora_layers", "seed")
 
 
 def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None,
@@ -376,6 +380,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_length >= 16, ["max_length"], "at least 16"),
         (cfg.batch_size > 0, ["batch_size"], "positive"),
         (cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of > 0, ["pad_to_multiple_of"], "positive or None"),
+        (cfg.lora_layers is None or cfg.lora_layers > 0, ["lora_layers"], "positive or None"),
         (cfg.grad_accum > 0, ["grad_accum"], "positive"),
         (cfg.data_samples is None or cfg.data_samples > 0, ["data_samples"], "positive or None"),
         (0 <= cfg.val_fraction < 1, ["val_fraction"], "in [0, 1)"),

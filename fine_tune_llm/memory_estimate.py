@@ -28,7 +28,7 @@ import torch
 from . import hardware
 from .config import TrainConfig
 from .errors import ConfigError
-from .modeling import frozen_dtype, model_source
+from .modeling import adapted_layers, frozen_dtype, model_source
 
 GB = 1e9
 # CUDA context (~0.4-0.6 GB on recent drivers), cuBLAS workspaces and the caching allocator's fragmentation.
@@ -155,9 +155,14 @@ def _float_weight_bytes(cfg: TrainConfig, s: ModelShape, b: dict[str, int]) -> f
     return (embeddings + norms) * b["frozen"]
 
 
+def adapted_count(cfg: TrainConfig, s: ModelShape) -> int:
+    """How many decoder layers carry LoRA (cfg.lora_layers): autograd keeps activations for those only."""
+    return len(adapted_layers(cfg, s.layers) or range(s.layers))
+
+
 def lora_parameters(cfg: TrainConfig, s: ModelShape) -> int:
     shapes = s.linears()
-    return s.layers * sum(cfg.lora_r * (i + o) for name, (i, o) in shapes.items() if name in cfg.target_modules)
+    return adapted_count(cfg, s) * sum(cfg.lora_r * (i + o) for name, (i, o) in shapes.items() if name in cfg.target_modules)
 
 
 def optimizer_bytes(cfg: TrainConfig, s: ModelShape) -> float:
@@ -173,7 +178,7 @@ def optimizer_bytes(cfg: TrainConfig, s: ModelShape) -> float:
                 total += 2 * n * (1 + 4 / 256) if n >= 4096 else 2 * n * 4
             else:
                 total += 2 * n * (trainable if cfg.optim.startswith("adamw_torch") else 4)
-    return s.layers * total
+    return adapted_count(cfg, s) * total
 
 
 def layer_bytes_per_token(cfg: TrainConfig, s: ModelShape, compute: int, residual: int) -> float:
@@ -208,9 +213,10 @@ def activation_bytes(cfg: TrainConfig, s: ModelShape, tokens: int, b: dict[str, 
     # The gradients of the layer being differentiated: half its activations fit the peaks measured on CPU
     # (see the module docstring).
     in_flight = layer / 2
+    adapted = adapted_count(cfg, s)  # below the lowest adapted layer nothing needs a gradient: nothing is kept
     if checkpointing:
-        return s.layers * residual * s.hidden * tokens + layer + in_flight
-    return s.layers * layer + in_flight
+        return adapted * residual * s.hidden * tokens + layer + in_flight
+    return adapted * layer + in_flight
 
 
 def logit_bytes(cfg: TrainConfig, s: ModelShape, trained: int) -> float:
@@ -231,7 +237,7 @@ def _notes(cfg: TrainConfig, s: ModelShape, n_lora: int, tokens: int, trained: i
         "weights (float)": f"embeddings + norms, {b['frozen']} bytes each",
         "LoRA + gradients": f"{n_lora / 1e6:.1f}M parameters x {b['trainable']} bytes, twice",
         "optimizer state": cfg.optim,
-        "activations": f"{tokens} tokens per micro-batch, {s.layers} layers"
+        "activations": f"{tokens} tokens per micro-batch, {adapted_count(cfg, s)} of {s.layers} layers"
                        + (", checkpointed" if cfg.gradient_checkpointing else ""),
         "logits": f"{trained} trained positions x {s.vocab:,} vocabulary",
     }

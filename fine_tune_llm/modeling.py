@@ -151,11 +151,26 @@ def guard_cpu_4bit(model: torch.nn.Module) -> int:
     return n
 
 
-def lora_config(cfg: TrainConfig):
+def lora_config(cfg: TrainConfig, num_layers: int | None = None):
+    """The adapter's LoraConfig; with cfg.lora_layers, only the top blocks of a model with num_layers get one."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      layers_to_transform=adapted_layers(cfg, num_layers))
+
+
+def adapted_layers(cfg: TrainConfig, num_layers: int | None) -> list[int] | None:
+    """The indices of the top cfg.lora_layers blocks (None: every block)."""
+    if cfg.lora_layers is None or num_layers is None or cfg.lora_layers >= num_layers:
+        return None
+    return list(range(num_layers - cfg.lora_layers, num_layers))
+
+
+def num_hidden_layers(model) -> int | None:
+    config = model.config
+    config = getattr(config, "text_config", None) or config  # multimodal configs keep the LM's shape inside
+    return getattr(config, "num_hidden_layers", None)
 
 
 def prepare_for_training(model, cfg: TrainConfig):
@@ -171,10 +186,11 @@ def prepare_for_training(model, cfg: TrainConfig):
 
 
 def add_lora(model, cfg: TrainConfig):
-    """Prepare a k-bit model for training and wrap it with LoRA adapters on every linear projection."""
+    """Prepare a k-bit model for training and wrap it with LoRA adapters on the target projections of the adapted
+    blocks (every block unless cfg.lora_layers)."""
     from peft import get_peft_model
 
-    model = get_peft_model(prepare_for_training(model, cfg), lora_config(cfg))
+    model = get_peft_model(prepare_for_training(model, cfg), lora_config(cfg, num_hidden_layers(model)))
     guard_cpu_4bit(model)
     trainable, total = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

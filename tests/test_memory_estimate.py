@@ -143,10 +143,11 @@ def _count(batch, sizes: list) -> dict:
     return batch
 
 
-def test_lora_parameter_count_matches_peft(tmp_path):
+@pytest.mark.parametrize("lora_layers", [None, 1])
+def test_lora_parameter_count_matches_peft(tmp_path, lora_layers):
     from fine_tune_llm.modeling import add_lora, load_model
 
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, lora_layers=lora_layers)
     model = add_lora(load_model(cfg), cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert memory_estimate.lora_parameters(cfg, memory_estimate.ModelShape.of(model.config)) == trainable

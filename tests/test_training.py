@@ -186,3 +186,47 @@ def test_pad_to_multiple_of_bounds_batch_shapes_and_keeps_the_loss(tmp_path):
         with torch.no_grad():
             losses[pad] = float(trainer.compute_loss(model, batch))
     assert losses[16] == pytest.approx(losses[None], rel=1e-5)
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes autograd keeps for the backward of one training forward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    return sum(saved)
+
+
+def test_lora_layers_adapts_only_the_top_blocks_and_the_backward_stops_below_them(tmp_path):
+    """lora_layers=1 on the 2-block tiny model: adapters on block 1 only; block 0's output needs no gradient, so
+    autograd keeps nothing for it and the backward never enters it; at initialisation (B = 0) the loss is the
+    same as with every block adapted."""
+    from tests.conftest import tiny_config
+
+    tok = load_tokenizer(tiny_config(tmp_path))
+    batch = tok(["It sounds like a hard week. Be gentle with yourself."], return_tensors="pt")
+    models, needs_grad = {}, {}
+    for layers in (None, 1):
+        cfg = tiny_config(tmp_path, quantization="none", dtype="float32", lora_layers=layers)
+        torch.manual_seed(0)
+        models[layers] = add_lora(load_model(cfg), cfg)
+    adapted = {n.split("layers.")[1].split(".")[0] for n, p in models[1].named_parameters() if p.requires_grad}
+    assert adapted == {"1"}
+    assert sum(p.requires_grad for p in models[1].parameters()) == 2 * 7  # lora_A, lora_B x 7 projections
+    blocks = models[1].get_base_model().model.layers
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad
+                                                                                  if isinstance(out, tuple)
+                                                                                  else out.requires_grad))
+    with torch.no_grad():
+        assert float(models[1](**batch, labels=batch["input_ids"]).loss) == pytest.approx(
+            float(models[None](**batch, labels=batch["input_ids"]).loss), rel=1e-6)
+    top_only, every = saved_activation_bytes(models[1], batch), saved_activation_bytes(models[None], batch)
+    assert needs_grad == {0: False, 1: True}
+    assert top_only < 0.6 * every, (top_only, every)
+    assert all(p.grad is not None for p in models[1].parameters() if p.requires_grad)
