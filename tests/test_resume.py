@@ -80,6 +80,22 @@ def test_resuming_with_other_options_is_refused(tmp_path):
     assert checkpoints.resume_point(tmp_path, False, faster) is None
 
 
+def test_a_run_saved_before_a_field_existed_resumes_only_with_its_default(tmp_path):
+    """config.yaml from before lora_layers existed: that run adapted every block, so lora_layers=1 is a change."""
+    import yaml
+
+    cfg = make_config("tiny", output_dir=str(tmp_path))
+    run = RunDir.of(tmp_path)
+    run.write_config(cfg)
+    values = run.read_config_values()
+    del values["lora_layers"]
+    run.config_file.write_text(yaml.safe_dump(values))
+    fake_checkpoint(tmp_path, 2)
+    assert checkpoints.resume_point(tmp_path, None, cfg) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ConfigError, match=r"other options \(lora_layers: None -> 1\)"):
+        checkpoints.resume_point(tmp_path, None, make_config("tiny", output_dir=str(tmp_path), lora_layers=1))
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     ref = start(run_args(tmp_path, "ref"), tmp_path / "ref.log")
