@@ -52,15 +52,18 @@ def test_recipe_previous_row_ignores_the_current_preset(tmp_path):
     new = recipe_time.row_config("smollm2-135m", a, tmp_path)
     for key, value in recipe_time.PROPOSED.items():
         assert getattr(new, key) == value, key
-    # The new row is the package's preset: length-grouped batches of 4 x 2 padded to 16, eager, unquantized.
+    # The new row is the package's preset: length-grouped batches of 4 x 2 padded to 16, eager, unquantized, LoRA
+    # on the top 15 blocks.
     assert (new.group_by_length, new.attn_implementation, new.batch_size, new.grad_accum, new.quantization,
-            new.pad_to_multiple_of) == (True, "eager", 4, 2, "none", 16)
+            new.pad_to_multiple_of, new.lora_layers) == (True, "eager", 4, 2, "none", 16, 15)
     assert new.batch_size * new.grad_accum == cfg.batch_size * cfg.grad_accum  # the same update per step
     # --set tries a value on the new row only.
     a.set = [recipe_time.setting("lora_layers=7"), recipe_time.setting("attn_implementation=sdpa")]
     assert (recipe_time.row_config("smollm2-135m", a, tmp_path).lora_layers,
             recipe_time.row_config("smollm2-135m", a, tmp_path).attn_implementation) == (7, "sdpa")
     assert recipe_time.row_config("previous", a, tmp_path).lora_layers is None
+    with pytest.raises(argparse.ArgumentTypeError, match="null keeps the preset's value"):
+        recipe_time.setting("lora_layers=null")
 
 
 def test_mfu_flops_count_only_useful_work():
