@@ -34,8 +34,8 @@ scored on the released base, bf16):
   smollm2-135m  390 s (2 evaluations: 49 s), peak RSS 2.48 GB, held-out perplexity 3.155, margin 1.893
                 [1.822, 1.966]
   new / previous = 0.43x the seconds, peak RSS 2.48 GB (<= 3 GB), perplexity 2.0% lower, margin inside previous's
-  CI: every goal met. What took it from 0.59x to 0.43x on this machine: LoRA on the top 15 of the 30 blocks (lora_layers), so the
-  backward stops half-way down and keeps no activations below. Whole jobs of the new row on this machine,
+  CI: every goal met. What took it from 0.59x to 0.43x on this machine: LoRA on the top 15 of the 30 blocks
+  (lora_layers), so the backward stops half-way down and keeps no activations below. Whole jobs of the new row on this machine,
   `--rows smollm2-135m --threads 1 --set lora_layers=N` (idle: the other core idle; busy: a second run on it):
     lora_layers   seconds      peak RSS   perplexity   margin [95% CI]
     30 (all)      537 idle     2.90 GB    2.969        1.891 [1.819, 1.966]   (0.59x previous: not enough)
