@@ -132,7 +132,7 @@ CSV_COLUMNS = ["row", "seconds", "peak_rss_gb", "heldout_ppl", "heldout_margin"]
 
 def row_config(name: str, a, out_dir: Path):
     """The TrainConfig of a row: every field explicit for `previous`, the preset + PROPOSED for the new one."""
-    from fine_tune_llm.config import TrainConfig, make_config
+    from fine_tune_llm.config import field_defaults, field_names, make_config
 
     spec = ROWS[name]
     job = {"output_dir": str(out_dir / "run"), "metrics_dir": str(out_dir / "metrics"), "imgs_dir": str(out_dir / "imgs")}
@@ -142,13 +142,10 @@ def row_config(name: str, a, out_dir: Path):
         job["max_steps"] = a.max_steps
     if spec["base"] == "previous":
         # Dataclass defaults for any field added after d305038, then today's preset values: no preset is read.
-        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                    for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in {**defaults, **PREVIOUS, **job}.items() if v is not None and k != "preset"}
+        values = {k: v for k, v in {**field_defaults(), **PREVIOUS, **job}.items() if v is not None and k != "preset"}
         return dataclasses.replace(make_config("gemma-2b-it", **values), preset=PREVIOUS["preset"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {**spec.get("config", {}), **dict(getattr(a, "set", None) or []), **job}
-    return make_config("smollm2-135m", **{k: v for k, v in values.items() if k in known})
+    return make_config("smollm2-135m", **{k: v for k, v in values.items() if k in field_names()})
 
 
 def model_and_data(a) -> tuple[str, str]:

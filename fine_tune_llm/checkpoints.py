@@ -9,12 +9,12 @@ matches what is on disk. Older complete checkpoints stay as fallbacks; the Train
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
+from .config import field_defaults
 from .errors import ConfigError
 from .files import sha256_file
 from .run import CHECKPOINT, RunDir
@@ -111,17 +111,13 @@ def check_same_config(run: RunDir | str | Path, cfg) -> None:
     run = RunDir.of(run)
     now = cfg.to_dict()
     # A field the run's config.yaml lacks was added since: the run had the behaviour of its default.
-    before = {**field_defaults(cfg), **run.read_config_values()}
+    added = {k: v for k, v in field_defaults().items() if k != "preset"}
+    before = {**added, **run.read_config_values()}
     changed = sorted(k for k in now if k in before and before[k] != now[k] and k not in RESUMABLE_CHANGES)
     if changed:
         detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(f"{run} holds checkpoints of a run with other options ({detail}). Pass --no-resume "
                           f"to start over there, or choose another --output-dir.")
-
-
-def field_defaults(cfg) -> dict:
-    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-            for f in dataclasses.fields(cfg) if f.name != "preset"}
 
 
 def barrier() -> None:

@@ -254,6 +254,12 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def field_defaults() -> dict[str, Any]:
+    """Each TrainConfig field's dataclass default (a fresh list where the default is a factory)."""
+    return {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(TrainConfig)}
+
+
 # --- flags: transformers' HfArgumentParser reads the dataclass (types, defaults, help) --------------------------
 
 
@@ -263,13 +269,14 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     from transformers import HfArgumentParser
 
     hints = typing.get_type_hints(TrainConfig)
+    defaults = field_defaults()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
             continue
         before = len(parser._group_actions if hasattr(parser, "_group_actions") else parser._actions)
         typed = copy.copy(f)
         typed.type = hints[f.name]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = defaults[f.name]
         HfArgumentParser._parse_dataclass_field(parser, typed)
         actions = (parser._group_actions if hasattr(parser, "_group_actions") else parser._actions)[before:]
         for action in actions:

@@ -162,7 +162,8 @@ def adapted_count(cfg: TrainConfig, s: ModelShape) -> int:
 
 def lora_parameters(cfg: TrainConfig, s: ModelShape) -> int:
     shapes = s.linears()
-    return adapted_count(cfg, s) * sum(cfg.lora_r * (i + o) for name, (i, o) in shapes.items() if name in cfg.target_modules)
+    per_layer = sum(cfg.lora_r * (i + o) for name, (i, o) in shapes.items() if name in cfg.target_modules)
+    return adapted_count(cfg, s) * per_layer
 
 
 def optimizer_bytes(cfg: TrainConfig, s: ModelShape) -> float:

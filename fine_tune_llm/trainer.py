@@ -123,8 +123,8 @@ class ReturnFreedMemory(TrainerCallback):
     """Every `every` optimizer steps and after each evaluation, hands the memory the C allocator holds free back to
     the OS (glibc's malloc_trim). A CPU step frees activations of a different shape every batch, and glibc keeps the
     freed pages: SmolLM2's CPU job grew from 2.2 GB at step 10 to 3.6 GB at step 250 without it, and stays at
-    1.4-1.7 GB with it and batches padded to a multiple of 16 (benchmarks/recipe_time.py). Every 10 steps costs 1.01x the time; after every step it cost 1.4x
-    (the pages given back are faulted in again, slowly in a VM). A no-op where there is no glibc (macOS, musl)."""
+    1.4-1.7 GB with it and batches padded to a multiple of 16 (benchmarks/recipe_time.py). Every 10 steps costs
+    1.01x the time; after every step it cost 1.4x (the pages given back are faulted in again, slowly in a VM). A no-op where there is no glibc (macOS, musl)."""
 
     def __init__(self, every: int = 10):
         self.every = every

@@ -218,14 +218,15 @@ def test_lora_layers_adapts_only_the_top_blocks_and_the_backward_stops_below_the
     adapted = {n.split("layers.")[1].split(".")[0] for n, p in models[1].named_parameters() if p.requires_grad}
     assert adapted == {"1"}
     assert sum(p.requires_grad for p in models[1].parameters()) == 2 * 7  # lora_A, lora_B x 7 projections
-    blocks = models[1].get_base_model().model.layers
-    for i, block in enumerate(blocks):
-        block.register_forward_hook(lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad
-                                                                                  if isinstance(out, tuple)
-                                                                                  else out.requires_grad))
     with torch.no_grad():
         assert float(models[1](**batch, labels=batch["input_ids"]).loss) == pytest.approx(
             float(models[None](**batch, labels=batch["input_ids"]).loss), rel=1e-6)
+
+    def record(module, args, out, i):
+        needs_grad[i] = (out[0] if isinstance(out, tuple) else out).requires_grad
+
+    for i, block in enumerate(models[1].get_base_model().model.layers):
+        block.register_forward_hook(lambda m, a, out, i=i: record(m, a, out, i))
     top_only, every = saved_activation_bytes(models[1], batch), saved_activation_bytes(models[None], batch)
     assert needs_grad == {0: False, 1: True}
     assert top_only < 0.6 * every, (top_only, every)
