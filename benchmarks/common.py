@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fine_tune_llm.hardware import cpu_has_native_bf16
 from fine_tune_llm.manifest import cpu_name
+from fine_tune_llm.model.hardware import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -24,15 +24,15 @@ SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct
 
 # The proposed smollm2-135m preset: changes to config.PRESETS["smollm2-135m"] measured here before the preset carries
 # them (train_throughput.py --model: one ablation row per change; recipe_time.py: the whole job), applied on top of
-# the package's preset. Landed in config.py since: padding_free False (1.36x), quantization none (speed-neutral, the
-# released weights), eval/save every 125 steps (170 s of 1,360), then group_by_length and 4 x 2, then eager again
-# (SDPA: 1.20x the step time for little memory on these short rows) and pad_to_multiple_of 16 (recipe_time.py).
-# Still proposed: nothing.
+# the package's preset. Landed in the preset since: padding_free False, quantization none (speed-neutral, the
+# released weights), eval/save every 125 steps, then group_by_length and 4 x 2, then eager again (SDPA is slower
+# for little memory on these short rows) and pad_to_multiple_of 16. What each bought:
+# docs/results.md#why-each-preset-value. Still proposed: nothing.
 PROPOSED: dict = {}
 # Levers that are code, not config values. lora_nocast: peft casts every LoRA layer's input to the adapter's fp32
-# dtype and bf16 autocast casts it back for the matmul; training.train now skips the cast under autocast
-# (training.lora_inputs_uncast: exact, 1.05x, row ours+lora-cast). Kept here for the benchmarks that run the
-# Trainer themselves rather than through training.train.
+# dtype and bf16 autocast casts it back for the matmul; train.sft.train now skips the cast under autocast
+# (train.sft.lora_inputs_uncast: exact, and faster: row ours+lora-cast). Kept here for the benchmarks that run the
+# Trainer themselves rather than through train.sft.train.
 RUNTIME_PROPOSED = {"lora_nocast": True}
 
 
@@ -48,7 +48,7 @@ def apply_runtime(model, levers: dict) -> None:
 
 def tokenized_splits(cfg, tokenizer) -> dict:
     """training.prepare_data's tokenized splits (a PreparedData, or a (splits, tokenized) tuple before it)."""
-    from fine_tune_llm.training import prepare_data
+    from fine_tune_llm.train.sft import prepare_data
 
     out = prepare_data(cfg, tokenizer)
     return out.tokenized if hasattr(out, "tokenized") else out[1]
@@ -56,7 +56,7 @@ def tokenized_splits(cfg, tokenizer) -> dict:
 
 def package_trainer(cfg, model, tokenizer, train, evals, run_dir):
     """training.build_trainer with a run directory (a RunDir where the package has one)."""
-    from fine_tune_llm.training import build_trainer
+    from fine_tune_llm.train.sft import build_trainer
 
     try:
         from fine_tune_llm.run import RunDir
@@ -85,7 +85,7 @@ def machine() -> dict[str, str]:
 
 def cpu_description() -> str:
     """The GPU's name, or the CPU's with the vector extension torch dispatches to and whether it multiplies bf16
-    natively: two CPUs both named "AMD EPYC" differed 10x in a training step (AVX2 float32 against avx512_bf16)."""
+    natively: two CPUs both named "AMD EPYC" differed many-fold per training step (docs/results.md#machines)."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
@@ -136,7 +136,7 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    from fine_tune_llm.trainer import release_freed_memory
+    from fine_tune_llm.train.trainers import release_freed_memory
 
     release_freed_memory()
 

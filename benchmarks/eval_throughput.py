@@ -6,8 +6,8 @@
 The model is the real small chat model in ../shared (SmolLM2-135M-Instruct, GGUF, loaded dequantized: transformers
 cannot put bitsandbytes quantization on GGUF weights), the pairs the real psychology rows held out from training
 (test split, then validation). Scoring is exactly what `fine-tune-llm evaluate` runs for one model:
-evaluation.score_model - the chosen answer of every pair (perplexity, bits per byte) and the rejected one
-(preference accuracy, margin), float32 compute, batches of --batch-size.
+eval.evaluate.score_model - the chosen answer of every pair (perplexity, bits per byte) and the rejected one
+(preference accuracy, margin), float32 compute, batches of --batch-size. Measured: docs/results.md#evaluation.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.data import load_splits
-    from fine_tune_llm.evaluation import load_for_eval, score_model
+    from fine_tune_llm.data.rows import load_splits
+    from fine_tune_llm.eval.evaluate import load_for_eval, score_model
 
     cfg = make_config("smollm2-135m", base_model=args.model, dataset=args.data)
     splits = load_splits(cfg.dataset, cfg.seed, None, cfg.val_fraction, cfg.test_fraction)

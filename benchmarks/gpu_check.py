@@ -89,7 +89,9 @@ def build_model_dir(tokenizer, shape: dict) -> Path:
 
     from transformers import AutoModelForCausalLM
 
-    from fine_tune_llm.tiny import cache_root  # the package cache (tiny.py builds its model there too)
+    from fine_tune_llm.model.tiny import (
+        cache_root,  # the package cache (model/tiny.py builds its model there too)
+    )
 
     key = hashlib.sha256(json.dumps([shape, len(tokenizer), "gpu-check-v1"], sort_keys=True).encode()).hexdigest()
     target = cache_root() / f"gpu-check-gemma-{key[:12]}"
@@ -108,7 +110,7 @@ def build_model_dir(tokenizer, shape: dict) -> Path:
 def missing_requirements() -> str | None:
     """Why this machine cannot run the check, or None."""
     if not torch.cuda.is_available():
-        from fine_tune_llm.hardware import no_cuda_reason
+        from fine_tune_llm.model.hardware import no_cuda_reason
 
         return f"gpu_check needs a CUDA GPU: {no_cuda_reason()}"
     missing = [str(p) for p in (GEMMA_TOKENIZER, REAL_DATA) if not p.exists()]
@@ -118,9 +120,9 @@ def missing_requirements() -> str | None:
 # --- checks -------------------------------------------------------------------------------------------------
 
 def check_auto(ctx) -> dict:
-    from fine_tune_llm import fast_loss
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.hardware import precision
+    from fine_tune_llm.model.hardware import precision
+    from fine_tune_llm.train import answer_loss as fast_loss
 
     p = precision(make_config("gemma-2b-it"))
     answer_only, why = fast_loss.choose("auto")
@@ -140,7 +142,7 @@ def compare_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
 
 
 def lora_grads(model, batch) -> dict[str, torch.Tensor]:
-    from fine_tune_llm.fast_loss import answer_only_nll
+    from fine_tune_llm.train.answer_loss import answer_only_nll
 
     device = next(model.parameters()).device
     model.zero_grad(set_to_none=True)
@@ -169,7 +171,7 @@ def dequantize_base_layers(model) -> int:
 
 def check_grads(ctx) -> dict:
     """LoRA B starts at zero, so A's gradient would be zero: both are set to random values first."""
-    from fine_tune_llm.modeling import add_lora, load_model
+    from fine_tune_llm.model.loading import add_lora, load_model
 
     cfg = ctx["cfg"](dtype="bfloat16", lora_dropout=0.0)
     model = add_lora(load_model(cfg), cfg)
@@ -192,7 +194,7 @@ def estimate_for(ctx, row: dict) -> float:
     """The memory estimate for `ours` with the largest micro-batch the row trained on."""
     from transformers import AutoConfig
 
-    from fine_tune_llm.memory_estimate import estimate
+    from fine_tune_llm.train.memory_estimate import estimate
 
     lengths = [len(x) for x in ctx["train"]["input_ids"]]
     tokens = max(sum(lengths[i:i + ctx["batch"]]) for i in range(0, len(lengths), ctx["batch"]))
@@ -218,7 +220,7 @@ def check_rows(ctx, a) -> dict:
 
 def check_one_step(ctx, dtype: str) -> dict:
     """One optimizer step of training.train in `dtype`; the LoRA weights must be fp32 unless bf16."""
-    from fine_tune_llm.training import train
+    from fine_tune_llm.train.sft import train
 
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{dtype}-") as tmp:
         cfg = ctx["cfg"](dtype=dtype, max_steps=1, output_dir=f"{tmp}/run", metrics_dir=tmp, imgs_dir=tmp)

@@ -5,8 +5,7 @@
 
 RSS is not VRAM (it holds the libraries too), so the measured figure is the peak of live tensor bytes during a
 few training steps, from torch.profiler's allocation events, plus the parameters and 4-bit quantization state:
-the same arithmetic the estimate makes for a GPU. Measured here (AMD EPYC, 2 cores, 3 steps of 8 rows):
-tiny 1.06x, SmolLM2-135M 1.03x (estimate / measured).
+the same arithmetic the estimate makes for a GPU. Measured (estimate / measured): docs/results.md#memory-estimate.
 """
 
 from __future__ import annotations
@@ -51,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from fine_tune_llm import memory_estimate
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
+    from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer
     from fine_tune_llm.run import RunDir
-    from fine_tune_llm.training import build_trainer, prepare_data
+    from fine_tune_llm.train import memory_estimate
+    from fine_tune_llm.train.sft import build_trainer, prepare_data
 
     torch.set_num_threads(1)
     cfg = make_config("tiny", base_model=args.base_model, max_steps=args.steps, eval_steps=1000, save_steps=1000,

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="metrics/bench_padding_cpu.csv")
     args = p.parse_args(argv)
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.modeling import load_tokenizer
-    from fine_tune_llm.training import prepare_data
+    from fine_tune_llm.model.loading import load_tokenizer
+    from fine_tune_llm.train.sft import prepare_data
 
     if args.model == "tiny":
         cfg = make_config("tiny", data_samples=args.data_samples)

@@ -10,17 +10,11 @@ weights. The goal (the preference issue): the SFT+DPO mean length-normalized mar
 SFT one's, while response_j's perplexity rises by at most 10% and the mean generated length changes by at most
 20%. Every setting is a row of the CSV, so a trade-off is shown rather than hidden. Wall times are this machine's.
 
-What it costs. SmolLM2 trains at ~0.5 GFLOP per token forward + backward. A step of 8 rows (~1,000 tokens) took
-~3.5 s on a 2-core CPU with avx512_bf16 (bf16), and 7-17 s on a 2-core AVX2-only CPU, where `dtype: auto` trains in
-float32 because bf16 is only emulated (a shared machine: the spread is other jobs). On the AVX2 CPU the 2,000-row
-SFT run is 30-75 min. Each DPO setting adds a reference pass over the 2,000 pairs (9.3 s per 8 pairs there: ~40
-min) and steps of twice the tokens (~1-2.5 h for one epoch). So run it on a bf16-native CPU or a GPU, or use
---dpo-max-steps and say so.
+What it costs. A DPO setting adds a reference pass over the pairs and steps of twice the tokens, and TRL's
+DPOTrainer projects every position onto the vocabulary, so on a CPU without native bf16 (float32) the full-size run
+takes hours: run it on a bf16-native CPU or a GPU, or use --dpo-max-steps and say so.
 
-Measured (metrics/bench_preference_smollm2.csv; `--threads 1 --settings simpo:2.0:5e-6` on a 2-core AMD EPYC with
-avx512_bf16, bf16 training): SFT 1,519 s, SimPO one epoch 4,823 s (19 s per step: TRL's DPOTrainer projects every
-position onto the vocabulary), the three-column evaluation 1,344 s. Goal met: margin 1.936 [1.865, 2.010] ->
-2.157 [2.078, 2.238], perplexity 2.935 -> 2.939, greedy answers 49.7 -> 51.0 tokens.
+Measured (the goal run, the scaled-down DPO/SimPO runs, what each costs): docs/results.md#preference-stage.
 """
 
 from __future__ import annotations
@@ -106,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing {path}: this benchmark needs ../shared (the real model and data)", file=sys.stderr)
             return 2
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.evaluation import evaluate_run
-    from fine_tune_llm.preference import train_preference
-    from fine_tune_llm.stages import preference_config
-    from fine_tune_llm.training import train
+    from fine_tune_llm.eval.evaluate import evaluate_run
+    from fine_tune_llm.train.lineage import preference_config
+    from fine_tune_llm.train.preference import train_preference
+    from fine_tune_llm.train.sft import train
 
     if args.threads:
         import torch

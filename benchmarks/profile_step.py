@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/profile_step.py --recipe proposed --threads 1   # with common.PROPOSED + runtime levers
 
 SmolLM2-135M-Instruct (../shared GGUF), the real psychology rows, 8 rows per step, steps built exactly as
-`fine-tune-llm train` builds them (modeling.load_model/add_lora, training.build_trainer). Prints the operators by self
+`fine-tune-llm train` builds them (model.loading.load_model/add_lora, train.sft.build_trainer). Prints the operators by self
 CPU time, the same grouped into what they are (matmuls, attention softmax, dtype copies, elementwise, bitsandbytes
-dequantization, optimizer, cross-entropy), and the largest operator shapes. Findings are in train_throughput.py's
-docstring.
+dequantization, optimizer, cross-entropy), and the largest operator shapes.
+Findings: docs/results.md#where-a-step-goes.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from transformers import TrainerCallback, set_seed
 
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
+    from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer
 
     if a.threads:
         torch.set_num_threads(a.threads)

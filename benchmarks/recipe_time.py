@@ -6,13 +6,13 @@
 
 Each row is the job a user runs, `fine-tune-llm train --preset smollm2-135m --base-model <SmolLM2 GGUF> --dataset
 <the real parquet> --data-samples 2500` (2,000 train rows, one epoch of 250 steps x 8 rows, with the preset's periodic
-evaluations on the validation split and its checkpoints), run through `fine_tune_llm.training.train` in a fresh
+evaluations on the validation split and its checkpoints), run through `fine_tune_llm.train.sft.train` in a fresh
 subprocess per row, so each row's peak RSS is its own (the child's ru_maxrss; a sampler thread also splits it by phase:
 model load, training steps, evaluations). Then, in the same child, the row's adapter is scored on the run's saved
-test split with the package's evaluation function (evaluation.score_model: answer perplexity, and the preference
+test split with the package's evaluation function (eval.evaluate.score_model: answer perplexity, and the preference
 margin with its bootstrap 95% CI), on the base as released (unquantized weights) as a user runs it after the merge,
-in the compute dtype `auto` picks (bf16 on a bf16-native CPU; `fine-tune-llm evaluate` computes in fp32, ~4x slower
-there). Both rows are scored on the same base the same way, so they compare; up to commit 8d4a0c8 each row was scored
+in the compute dtype `auto` picks (bf16 on a bf16-native CPU, where it is faster; `fine-tune-llm evaluate` computes
+in fp32). Both rows are scored on the same base the same way, so they compare; up to commit 8d4a0c8 each row was scored
 on its training model, which put `previous` on its NF4 base.
 
 Rows:
@@ -22,58 +22,12 @@ Rows:
                 should carry (empty now: config.py carries them all), and common.RUNTIME_PROPOSED,
                 the code levers (the package has lora_nocast since; patching it again changes nothing).
 `previous` trains in bf16 (the old `dtype: auto` on any CPU). On a CPU without avx512_bf16 or AMX (AVX2 only) torch
-emulates bf16: ~190 s per step of that row on a 2-core AVX2 EPYC, ~13 h for the job, while `auto` now picks
-float32 there (~17 s per step). Run this comparison on a CPU with native bf16 (lscpu: avx512_bf16 or amx_bf16).
+emulates bf16, so that row would take many times longer there (docs/results.md#cpus-without-native-bf16), while
+`auto` now picks float32. Run this comparison on a CPU with native bf16 (lscpu: avx512_bf16 or amx_bf16).
 Writes metrics/bench_recipe_cpu.csv: row,seconds,peak_rss_gb,heldout_ppl,heldout_margin, then the details (margin
 CI, evaluation seconds, CPU seconds, peak RSS per phase, RSS every 10 steps, the resolved config).
 
-Measured (the committed CSV: --threads 1, the 2-core AMD EPYC with avx512_bf16, the other core idle; both rows
-scored on the released base, bf16):
-  previous      904 s (5 evaluations: 186 s), peak RSS 7.77 GB, held-out perplexity 3.219, margin 1.871
-                [1.799, 1.948]
-  smollm2-135m  390 s (2 evaluations: 49 s), peak RSS 2.48 GB, held-out perplexity 3.155, margin 1.893
-                [1.822, 1.966]
-  new / previous = 0.43x the seconds, peak RSS 2.48 GB (<= 3 GB), perplexity 2.0% lower, margin inside previous's
-  CI: every goal met. What took it from 0.59x to 0.43x on this machine: LoRA on the top 15 of the 30 blocks
-  (lora_layers), so the backward stops half-way down and keeps no activations below. Whole jobs of the new row on this machine,
-  `--rows smollm2-135m --threads 1 --set lora_layers=N` (idle: the other core idle; busy: a second run on it):
-    lora_layers   seconds      peak RSS   perplexity   margin [95% CI]
-    30 (all)      537 idle     2.90 GB    2.969        1.891 [1.819, 1.966]   (0.59x previous: not enough)
-    15            390 idle     2.48 GB    3.155        1.893 [1.822, 1.966]   <- the preset (the committed row;
-                  404, 418 busy                                                  two repeats)
-    10            364 busy     2.29 GB    3.403        1.786 [1.714, 1.859]   (perplexity 5.7% worse than previous)
-    15, 8 x 1     396 busy     2.82 GB    3.157        1.892 [1.820, 1.964]   (1.06x faster, too close to 3 GB)
-  Adapting the top half costs 6% in perplexity against all 30 blocks (3.155 against 2.969) and is still 2% better
-  than the previous recipe; the margin does not move.
-  The same comparison on an earlier machine of this type (a slower one: previous took 1382 s there) with all 30
-  blocks adapted: 903 s against 1382 s (0.65x), 2.89 GB, perplexity 2.969, margin 1.891 [1.819, 1.966].
-60-step A/B runs (an earlier machine of the same type, one core each, the other core busy; seconds for steps
-10-60, peak RSS): 8 x 1 eager 212 s, 4.09 GB; + group_by_length 178 s, 4.52 GB; + pad_to_multiple_of 64: 222 s
-(slower, not taken); 8 x 1 grouped SDPA 247 s, 4.20 GB; 4 x 2 grouped: eager 213 s, 3.43 GB, SDPA 236 s, 3.24 GB.
-60-step A/B runs of the memory levers (commit 7885e62; AMD EPYC, avx512_bf16, two runs side by side on the 2 cores, one thread
-each; seconds for steps 10-60 without evaluations; peak RSS of the training phase; RSS at the end of step 60):
-  previous (NF4, packed, 8 x 1, eager, no trim)             243 s   5.45 GB   (4.97 GB)
-  8 x 1 grouped eager + trim                                150 s   3.99 GB   (1.96 GB)
-  4 x 2 grouped SDPA + trim                                 199 s   3.10 GB   (1.97 GB)
-  4 x 2 grouped SDPA + trim, ONEDNN_PRIMITIVE_CACHE_CAPACITY=16   230 s   2.61 GB   (1.62 GB)
-  4 x 2 grouped eager + trim                                166 s   3.14 GB   (1.96 GB)
-  4 x 2 grouped eager + trim + pad_to_multiple_of 16        167 s   2.63 GB   (1.57 GB)   <- the preset
-  (trim: trainer.ReturnFreedMemory, malloc_trim(0) every 10 steps and after each evaluation.)
-  A later pair (commit 04ce7aa, all 30 blocks adapted): the preset 172 s, 2.70 GB; the preset at 8 x 1 163 s (1.06x faster), 3.69 GB.
-Where the memory goes:
-  Imports 0.86 GB (torch's CUDA build alone maps 0.52 GB of libraries), tokenizer + data + bf16 model + LoRA 1.03
-  GB; the GGUF -> bf16 safetensors conversion peaks at 1.3 GB, once (cached). Then two things:
-  - what a step leaves behind: without the trim, RSS climbed through the run (2.2 GB at step 10, 3.6 GB at step
-    250), mostly freed memory glibc keeps (malloc_trim(0) after every step ended 40 steps at 1.85 GB instead of
-    3.8 GB, but cost 1.4x the step time: first-touch page faults are slow in this VM; every 10 steps costs 1.01x).
-    With the trim, what stays is oneDNN's primitive cache: every new matmul shape is a new primitive kept with its
-    buffers, up to 1,024 of them, ~0.35 GB here (capping the cache at 16 entries gave the same 0.35 GB back at
-    1.15x the step time: primitives rebuilt). Padding batch lengths to a multiple of 16 gets it back for free: ~10
-    lengths instead of ~140, so the cache fills with what is reused.
-  - the longest batch's activations for the backward: ~1.5 MB per token (30 layers; fp32 RMSNorm copies, the MLP's
-    gate/up/act/product, the projections' inputs, eager's L x L probabilities), ~1.1 GB for 4 rows of ~180 tokens,
-    ~2 GB for 8. Hence 4 x 2 (1.11x the step time of 8 x 1); SDPA saves only the probabilities (short rows here) at
-    1.20x the step time; gradient checkpointing would save most of the rest at ~1.3x.
+Measured: docs/results.md#the-cpu-recipe (both rows, lora_layers sweep, A/B runs, memory).
 """
 
 from __future__ import annotations
@@ -189,8 +143,8 @@ def instrument(phases: Phases, runtime: dict, trim: bool = True) -> None:
     trim, as the `previous` recipe ran."""
     from transformers import TrainerCallback
 
-    from fine_tune_llm import training
-    from fine_tune_llm.trainer import ReturnFreedMemory
+    from fine_tune_llm.train import sft as training
+    from fine_tune_llm.train.trainers import ReturnFreedMemory
 
     original = training.build_trainer
 
@@ -231,7 +185,7 @@ def released_model(cfg):
     (bf16 on a bf16-native CPU): what a user of either recipe runs after the merge. Scoring the training model
     instead would score `previous` on its NF4 base, whose own perplexity is 23% worse (8.99 against 7.29), and the
     rows would differ by their bases, not by their training. Returns (model, tokenizer)."""
-    from fine_tune_llm.evaluation import load_for_eval
+    from fine_tune_llm.eval.evaluate import load_for_eval
     from fine_tune_llm.run import RunDir
 
     released = dataclasses.replace(cfg, quantization="none")
@@ -243,9 +197,9 @@ def child(name: str, a) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from fine_tune_llm.evaluation import eval_rows, score_model
+    from fine_tune_llm.eval.evaluate import eval_rows, score_model
     from fine_tune_llm.run import RunDir
-    from fine_tune_llm.training import train
+    from fine_tune_llm.train.sft import train
 
     phases = Phases().start()
     runtime = ROWS[name].get("runtime", {})

@@ -5,15 +5,15 @@
         --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf   # the SmolLM2 table (~1.5 h)
     .venv/bin/python benchmarks/train_throughput.py --quick --rows ours        # smoke test of the script
 On a CPU shared with other busy processes pass --threads 1: with two OpenMP threads a descheduled thread
-leaves its sibling spinning at every barrier, which made identical rows differ by 35% and run 2-6x slower
-(SmolLM2: 35 s steps instead of 3.5 s while three test suites ran beside it).
+leaves its sibling spinning at every barrier, so identical rows differ widely and run slower
+(docs/results.md#levers-not-taken). 1 thread also gives clean CPU-seconds; the package keeps torch's default.
 
 Same model, data, hyperparameters and hardware for every row; only the training machinery differs:
   naive        every example padded to --max-length, loss on all tokens, fp32 compute, no packing
                (transformers Trainer, the model with fp32 compute, peft's k-bit preparation when 4-bit);
   trl-default  TRL's SFTTrainer with its own defaults (padding to the longest row, gradient checkpointing,
                SDPA, TRL's fused LM head, fused AdamW) and the same dtype, quantization and LoRA as ours;
-  ours         fine_tune_llm's training path (modeling.load_model/add_lora, training.build_trainer) with the
+  ours         fine_tune_llm's training path (model.loading.load_model/add_lora, train.sft.build_trainer) with the
                CPU presets' settings on CPU and the gemma-2b-it preset's on CUDA;
   ours+X       ours with one change reverted: what that change buys.
 Every row trains on the same rows in the same order with the same hyperparameters and the same answer-only loss
@@ -32,43 +32,7 @@ Two models:
   (common.PROPOSED) and code levers (common.RUNTIME_PROPOSED), batch 8 as in the preset, 20 timed steps.
   Writes metrics/bench_train_throughput_<device>_<model>.csv (SmolLM2: ..._cpu_smollm2.csv).
 
-Where a real model's step goes (SmolLM2-135M-Instruct: hidden 576, 30 layers, 9 heads / 3 KV heads, 49k vocab,
-tied head; torch.profiler over 4 steps of the then smollm2-135m preset, 1 thread, benchmarks/profile_step.py):
-  ~40%  eager attention over *packed* batches: padding-free packing joins the 8 rows of a step into one ~850-token
-        sequence, and eager attention then scores all 850 x 850 pairs per head and layer (the block-diagonal mask
-        discards 7/8 of them): the fp32 softmax (15%), its copies back to bf16 (~14%), the bmm's (10%), the softmax
-        backward (2%), the mask add. Per row that is 8x the attention work of padding each row to the batch's
-        longest, and ~1.2 GB of attention activations per step that grow with the longest batch.
-   23%  the projections' matmuls (aten::mm) - the useful work;
-   10%  copying the answer logits to fp32 in the chunked cross-entropy: ~86 MB buffers allocated fresh every step
-        are fresh mmap's, and first-touch page faults are slow in this VM (the same copy into a reused buffer is
-        ~10x faster);
-    5%  elementwise (RMSNorm in fp32, RoPE, SiLU, residual adds);
-    2%  bitsandbytes: NF4 dequantization (1.4%) and its autograd Functions (0.8%). 4-bit is not where time goes.
-        The CPU warning "Failed to load CPU gemm_4bit_forward from kernels-community" is harmless here: that kernel
-        is a Hub download (the `kernels` package, not reachable offline) serving bitsandbytes' fused inference
-        path, which modeling.guard_cpu_4bit switches off anyway (it has no autograd: wrong LoRA gradients).
-  With the proposed preset (padded batches, bf16 frozen weights) the matmuls are ~46% of the step, attention
-  softmax + bmm ~6%, dtype copies 16% (a third of it the cross-entropy buffers), elementwise ~18%; without the
-  LoRA input casts too (profile_step.py --recipe proposed, a quiet moment): matmuls 60%, elementwise 20%, dtype
-  copies 8%. An evaluation batch (forward only) is ~45% of a training step (LoRA's backward computes no
-  weight gradients for the frozen weights, so it costs about one forward): 252 validation rows cost ~14 steps.
-SmolLM2 table (metrics/bench_train_throughput_cpu_smollm2.csv: 1 thread, batch 8, 20 timed steps per row, 3
-interleaved repeats, medians; the 2-core AMD EPYC shared with other jobs):
-  naive 36.4, trl-default 52.0, ours 124.6 trained tokens/s: ours / trl-default = 2.40x (median of per-repeat
-  ratios 2.40x, per CPU-second 2.40x), ours / naive = 3.42x; held-out loss ours 1.2367, trl-default 1.2378, noise
-  floor |ours - ours-seed2| = 0.0019. What each lever buys (ours vs ours+X, wall / CPU): answer-only LM head 1.92x /
-  1.63x (TRL's head on CPU scores every position and its entropy), padding instead of packing 1.36x / 1.25x, bf16
-  instead of NF4 frozen weights 0.99x / 0.99x (neutral), no LoRA input casts 1.05x / 1.00x. MFU (ours) 33% of the
-  385 GFLOP/s bf16 matmul peak of one core.
-Levers measured and not taken: torch.compile (inductor, no quantization, padded eager): its first step had not
-finished after 15 minutes on the shared 2 cores (30 LoRA-wrapped layers, dynamic batch shapes), a good part of the
-whole proposed job; transparent huge pages for large tensors (THP_MEM_ALLOC_ENABLE=1) and a 1 GB glibc mmap
-threshold (mallopt): within the noise of 10-step A/B runs on the busy machine (they fix the page faults of single large copies in
-isolation); smaller cross-entropy chunks (2^22 elements: 0.07 vs 0.12 CPU-s per step on SmolLM2's 49k vocabulary,
-~2% of a step; the Gemma-shaped table chose 2^25 for the 256k vocabulary, so not changed without re-measuring
-there); Liger kernel and cut-cross-entropy: Triton (GPU) kernels with no CPU path; the bitsandbytes CPU gemm kernel:
-see above. Thread count: 1 thread here for clean CPU-seconds; the package keeps torch's default.
+Measured: docs/results.md#training-throughput (both tables, where a step goes, levers measured and not taken).
 """
 
 from __future__ import annotations
@@ -177,7 +141,7 @@ def bench_model_dir(tokenizer, shape: dict) -> Path:
     """A randomly initialised Gemma with the real vocabulary, saved once (bf16 safetensors) in the cache."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    from fine_tune_llm.tiny import cache_root
+    from fine_tune_llm.model.tiny import cache_root
 
     key = hashlib.sha256(json.dumps([shape, len(tokenizer), "v1"], sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / f"bench-gemma-{key}"
@@ -196,7 +160,7 @@ def load_tokenizer(model_dir: Path | None = None):
     loaded as the package loads it."""
     if model_dir is not None:
         from fine_tune_llm.config import make_config
-        from fine_tune_llm.modeling import load_tokenizer as package_tokenizer
+        from fine_tune_llm.model.loading import load_tokenizer as package_tokenizer
 
         return package_tokenizer(make_config("smollm2-135m", base_model=str(model_dir)))
     from transformers import AutoTokenizer
@@ -210,7 +174,7 @@ def real_model_dir(path: str) -> Path:
     """A HF folder as is; a .gguf file rewritten once as a bf16 safetensors folder, as the package does."""
     source = Path(path).expanduser()
     if source.suffix == ".gguf":
-        from fine_tune_llm.modeling import gguf_as_safetensors
+        from fine_tune_llm.model.loading import gguf_as_safetensors
 
         return Path(gguf_as_safetensors(source.parent, source.name))
     return source
@@ -245,7 +209,7 @@ def eval_batches(evals, tokenizer, batch_size: int = 8):
 
 def heldout_loss(model, batches, bf16: bool) -> float:
     """Mean answer-token NLL on fixed validation rows, computed the same way for every row of the table."""
-    from fine_tune_llm.fast_loss import answer_only_nll
+    from fine_tune_llm.train.answer_loss import answer_only_nll
 
     dev = device()
     was_training = model.training
@@ -276,7 +240,7 @@ def load_base(model_dir: Path, dtype: torch.dtype, quantization: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.modeling import device_map, guard_cpu_4bit, quantization_config
+    from fine_tune_llm.model.loading import device_map, guard_cpu_4bit, quantization_config
 
     qconfig = quantization_config(make_config(ours_preset(), quantization=quantization,
                                               dtype=str(dtype).removeprefix("torch.")))
@@ -300,7 +264,7 @@ def build_naive(spec, a, ctx, run_dir):
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    from fine_tune_llm.modeling import guard_cpu_4bit
+    from fine_tune_llm.model.loading import guard_cpu_4bit
 
     model = load_base(ctx["model_dir"], torch.float32, ctx.get("quantization", "4bit"))
     if ctx.get("quantization", "4bit") != "none":
@@ -359,7 +323,7 @@ def ours_config(spec, a, ctx, run_dir):
 def build_ours(spec, a, ctx, run_dir):
     from transformers import set_seed
 
-    from fine_tune_llm.modeling import add_lora, load_model
+    from fine_tune_llm.model.loading import add_lora, load_model
 
     cfg = ours_config(spec, a, ctx, run_dir)
     set_seed(cfg.seed)
@@ -449,8 +413,8 @@ import json, time
 t0 = time.perf_counter()
 from transformers import AutoTokenizer
 from fine_tune_llm.config import make_config
-from fine_tune_llm.data import load_splits
-from fine_tune_llm.training import tokenize_split
+from fine_tune_llm.data.rows import load_splits
+from fine_tune_llm.train.sft import tokenize_split
 t1 = time.perf_counter()
 tok = AutoTokenizer.from_pretrained(%(tok)r)
 t2 = time.perf_counter()
@@ -467,8 +431,8 @@ print("PREP " + json.dumps({"imports_s": t1 - t0, "tokenizer_s": t2 - t1, "load_
 def data_prep(tokenizer) -> list[dict]:
     """Load + template + tokenize + split all rows: cold (fresh process, empty datasets cache) and warm."""
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.data import load_splits
-    from fine_tune_llm.training import tokenize_split
+    from fine_tune_llm.data.rows import load_splits
+    from fine_tune_llm.train.sft import tokenize_split
 
     rows = []
     with tempfile.TemporaryDirectory() as cache:

@@ -11,27 +11,36 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> the module that owns it
+# name -> the module that owns it. The notebooks import only these, so moving a module never touches them.
 _OWNERS = {
     "TrainConfig": "config", "PRESETS": "config", "make_config": "config",
     "RunDir": "run",
-    "load_tokenizer": "modeling", "load_model": "modeling", "add_lora": "modeling",
-    "check_environment": "hardware",
-    "prepare_data": "training", "train": "training", "TrainResult": "training",
-    "preference_config": "stages", "train_preference": "preference",
-    "export_run": "metrics",
-    "evaluate_run": "evaluation", "load_for_eval": "evaluation",
-    "generate_answers": "generation", "generation_config": "generation",
+    "build_messages": "data.chat_template", "render_prompt": "data.chat_template",
+    "load_tokenizer": "model.loading", "load_model": "model.loading", "add_lora": "model.loading",
+    "check_environment": "model.hardware",
+    "generate_answers": "model.generation", "generation_config": "model.generation",
+    "EXAMPLE_QUESTIONS": "model.generation",
+    "prepare_data": "train.sft", "train": "train.sft", "TrainResult": "train.sft",
+    "preference_config": "train.lineage", "train_preference": "train.preference",
+    "export_run": "train.tensorboard_export",
+    "evaluate_run": "eval.evaluate", "load_for_eval": "eval.evaluate",
     "release_adapter": "release", "merge_adapter": "release", "export_gguf": "release",
     "push_folder": "release", "check_folder": "release",
+    "repo_path": "notebook.paths", "interactive": "notebook.paths",
 }
-__all__ = ["PRESETS", "RunDir", "TrainConfig", "TrainResult", "add_lora", "check_environment", "check_folder",
-           "evaluate_run", "export_gguf", "export_run", "generate_answers", "generation_config", "load_for_eval",
-           "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config", "prepare_data",
-           "push_folder", "release_adapter", "train", "train_preference"]
+# name -> a module exported whole: `show` holds what the notebooks display (tables, the masked view).
+_MODULES = {"show": "notebook.display"}
+__all__ = ["EXAMPLE_QUESTIONS", "PRESETS", "RunDir", "TrainConfig", "TrainResult", "add_lora",
+           "build_messages", "check_environment", "check_folder", "evaluate_run", "export_gguf",
+           "export_run", "generate_answers", "generation_config", "interactive", "load_for_eval",
+           "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config",
+           "prepare_data", "push_folder", "release_adapter", "render_prompt", "repo_path", "show", "train",
+           "train_preference"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     if name not in _OWNERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_OWNERS[name]}", __name__), name)

@@ -6,7 +6,9 @@ import argparse
 import copy
 import dataclasses
 import functools
+import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +69,8 @@ class TrainConfig:
 
     # --- quantization and LoRA ----------------------------------------------------------------------
     quantization: str = option("4bit", help=(
-        "QLoRA: NF4 with double quantization stores 2B weights in ~1.5 GB; \"8bit\" and \"none\" for "
-        "ablations."))
+        "QLoRA: NF4 with double quantization stores a weight in ~4 bits, so 2B weights fit a small GPU; "
+        "\"8bit\" and \"none\" for ablations."))
     lora_r: int = option(16, help=(
         "r=16 is the QLoRA paper's sweet spot for 2B-7B models; alpha=2r keeps the update scale at 2."))
     lora_alpha: int = option(32, help=(
@@ -80,12 +82,12 @@ class TrainConfig:
     lora_layers: int | None = option(None, help=(
         "Adapt only the top N transformer blocks (None: all of them). Below the lowest adapted block nothing "
         "needs a gradient, so the backward pass stops there and keeps no activations for those blocks: a CPU "
-        "step costs about forward + N/L of the backward (smollm2-135m adapts 15 of 30: the whole CPU job 537 -> "
-        "390 s, held-out perplexity 2.97 -> 3.16). None by default: every block adapted is the best quality."))
+        "step costs about forward + N/L of the backward, for some perplexity (docs/results.md, \"The CPU "
+        "recipe\"). None by default: every block adapted is the best quality."))
 
     # --- optimisation -------------------------------------------------------------------------------
     learning_rate: float = option(2e-4, help=(
-        "2e-4 is the QLoRA paper's rate for small models; LoRA tolerates 10x a full fine-tune's rate."))
+        "2e-4 is the QLoRA paper's rate for small models; LoRA tolerates ten times a full fine-tune's rate."))
     num_epochs: float = option(1.0, help=(
         "One epoch: the answers are formulaic, and a second epoch mostly memorises them."))
     max_steps: int = option(-1, help=(
@@ -104,11 +106,12 @@ class TrainConfig:
         "paged 8-bit AdamW is QLoRA's optimizer: optimizer state stays small and spills to CPU on "
         "spikes."))
     dtype: str = option("auto", help=(
-        "auto: bf16 on GPUs with bf16 tensor cores (sm_80+) and on CPUs with avx512_bf16 or AMX (bf16 "
-        "matmuls 3-4x faster than fp32); fp16 with fp32 LoRA weights on older GPUs (T4) and float32 on other "
-        "CPUs (AVX2 only), where bf16 is only emulated (~30x slower than fp32 on an AVX2 EPYC)."))
+        "auto: bf16 on GPUs with bf16 tensor cores (sm_80+) and on CPUs with avx512_bf16 or AMX (native bf16 "
+        "matmuls beat fp32); fp16 with fp32 LoRA weights on older GPUs (T4) and float32 on other CPUs (AVX2 "
+        "only), where bf16 is only emulated and far slower than fp32 (docs/results.md, \"CPUs without native "
+        "bf16\")."))
     gradient_checkpointing: bool = option(True, help=(
-        "Trades ~30% speed for activation memory; needed for batch 4 x 512 on a 16 GB GPU."))
+        "Trades recomputation for activation memory; needed for batch 4 x 512 on a 16 GB GPU."))
     padding_free: bool = option(True, help=(
         "Concatenate examples without padding (position ids keep them apart): no compute spent on "
         "padding."))
@@ -119,22 +122,22 @@ class TrainConfig:
     pad_to_multiple_of: int | None = option(None, help=(
         "Pad each batch's length up to a multiple of this (None: to its longest row). On CPU every new matmul "
         "shape gets its own oneDNN primitive, kept with its buffers in a cache of up to 1,024: padded batches of "
-        "every length fill it and the process grows by ~0.35 GB. Multiples of 16 leave ~10 lengths: peak RSS "
-        "2.66 against 3.14 GB, the same step time (60-step A/B, benchmarks/recipe_time.py). TRL pads to 128 on "
-        "Neuron for the same reason: one compilation per shape."))
+        "every length fill it and the process grows. A multiple leaves a few lengths, for less peak memory at the "
+        "same step time (docs/results.md). TRL pads to 128 on Neuron for the same reason: one compilation per "
+        "shape."))
     attn_implementation: str = option("sdpa", help=(
-        "\"sdpa\" is fastest on GPU; eager is faster on CPU for short sequences (see benchmarks/)."))
+        "\"sdpa\" is fastest on GPU; eager is faster on CPU for short sequences (docs/results.md)."))
     loss_impl: str = option("auto", help=(
         "Where the loss's LM head runs. \"answer-logits\": only at trained (answer) positions, chunked "
-        "fp32 cross-entropy (fast_loss.py); \"trl\": TRL's fused head; \"auto\": TRL's where it runs in "
+        "fp32 cross-entropy (train/answer_loss.py); \"trl\": TRL's fused head; \"auto\": TRL's where it runs in "
         "Triton (CUDA/XPU, already answer-only there), answer-logits elsewhere. On CPU TRL's head "
-        "scores every position and adds full-vocabulary entropy: answer-logits made steps 3.7x "
-        "faster, same loss (benchmarks/train_throughput.py)."))
+        "scores every position and adds full-vocabulary entropy: answer-logits is faster at the same loss "
+        "(docs/results.md, \"Training throughput\")."))
     upcast_frozen: bool = option(False, help=(
         "peft's prepare_model_for_kbit_training upcasts every frozen non-4-bit weight (embeddings = "
         "the tied LM head, norms) to fp32, so each step re-casts them to bf16: false keeps them in "
-        "bf16 (bf16 compute only; fp16 keeps the upcast for range). Measured on CPU: 1.1-1.2x faster, "
-        "0.55 GB less peak memory, same loss."))
+        "bf16 (bf16 compute only; fp16 keeps the upcast for range): faster, less memory, the same loss "
+        "(docs/results.md)."))
 
     # --- preference stage --------------------------------------------------------------------------
     stage: str = option("sft", help=(
@@ -161,7 +164,7 @@ class TrainConfig:
     eval_steps: int = option(50, help=(
         "Evaluate as often as we checkpoint, so each checkpoint has an eval loss."))
     save_steps: int = option(50, help=(
-        "A checkpoint every 50 steps (~5 min on a T4) bounds what a crash can cost."))
+        "A checkpoint every 50 steps bounds what a crash can cost to minutes of GPU time."))
     save_total_limit: int = option(3, help=(
         "Keep a few checkpoints: enough to fall back past a corrupt one, not enough to fill a disk."))
     seed: int = option(42, help=(
@@ -181,73 +184,49 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "gemma-2b-it": {},
-    # A real chat model that trains on a CPU in minutes: for checking the recipe before renting a GPU.
-    "smollm2-135m": {
-        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "requires_cuda": False,
-        # LoRA on the bf16 weights, no 4-bit: 4-bit is speed-neutral on a CPU step (train_throughput.py row
-        # ours+4bit), 135M bf16 weights take 0.27 GB, and the adapter then trains against the exact weights that
-        # the merge and the GGUF export use (untuned test perplexity 7.29 bf16 vs 8.99 NF4). 4bit stays an option.
-        "quantization": "none",
-        # Pad each batch to its own longest row instead of packing: packed rows make eager attention score
-        # ~850 x 850 pairs per head (7/8 masked away): 1.36x faster and ~1 GB less (train_throughput.py).
-        "padding_free": False,
-        "optim": "adamw_torch",
-        "lora_dropout": 0.0,
-        "gradient_checkpointing": False,
-        # LoRA on the top 15 of the 30 blocks: the backward pass stops at block 15 and keeps no activations below
-        # it. Whole jobs (benchmarks/recipe_time.py --set lora_layers=N): all 30 blocks 537 s, 2.90 GB, held-out
-        # perplexity 2.969; top 15 390 s, 2.48 GB, perplexity 3.155 (the previous recipe's: 3.219), the same
-        # margin; top 10 364 s but perplexity 3.403 (not taken). Docstring of recipe_time.py for the conditions.
-        "lora_layers": 15,
-        # Eager: SDPA's CPU kernel keeps no L x L probabilities for the backward, but the rows here are short (the
-        # longest is 181 tokens), so that saves little (3.11 against 3.14 GB at 4 x 2) and costs 1.20x the step
-        # time (60-step A/B runs, benchmarks/recipe_time.py docstring).
-        "attn_implementation": "eager",
-        # 4 rows x 2 accumulated = the same 8-row update with half the activations at once: the longest batch's
-        # activations are most of a step's peak (~1.5 MB per token), so peak RSS 3.14 against 4.0 GB for 8 x 1,
-        # at 1.11x the step time (60-step A/B runs; 1.06x with the padding to 16 below: 2.71 against 3.69 GB).
-        # This preset is sized for a 3 GB budget.
-        "batch_size": 4,
-        "grad_accum": 2,
-        # A bounded set of batch shapes, so oneDNN's primitive cache stops growing (see the field's help).
-        "pad_to_multiple_of": 16,
-        # Rows of similar length share a batch: 1.1% of a batch is padding instead of 22.4%
-        # (benchmarks/padding.py): 0.84x the step time in a 60-step A/B (eager, 8 x 1).
-        "group_by_length": True,
-        "max_length": 384,
-        # An evaluation of the 252 validation rows costs ~45% of a training step per batch: mid-way and at the
-        # end (2 of them) instead of 5 saved 170 s of a 1,360 s job (benchmarks/recipe_time.py).
-        "eval_steps": 125,
-        "save_steps": 125,
-        "output_dir": "runs/smollm2-135m-psych",
-    },
-    # Offline: a tiny Gemma built from a config plus the sample data shipped in the package.
-    "tiny": {
-        "base_model": "tiny-gemma",
-        "dataset": "sample",
-        "requires_cuda": False,
-        "quantization": "4bit",
-        "optim": "adamw_torch",
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "learning_rate": 3e-3,
-        "batch_size": 8,
-        "grad_accum": 1,
-        "max_length": 256,
-        "max_steps": 30,
-        "warmup_ratio": 0.0,
-        "logging_steps": 2,
-        "eval_steps": 10,
-        "save_steps": 10,
-        "gradient_checkpointing": False,
-        "attn_implementation": "eager",
-        "output_dir": "runs/tiny-psych",
-    },
-}
+# --- presets: YAML files a user can copy (configs/presets/NAME.yaml) -------------------------------------------
+
+# The repository's presets. FINE_TUNE_LLM_PRESETS points at another folder of NAME.yaml files (the tests use it).
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+# A preset file's optional section of values a preference stage continuing one of its runs starts from.
+STAGE_SECTIONS = ("dpo",)
+
+
+def presets_dir() -> Path:
+    return Path(os.environ.get("FINE_TUNE_LLM_PRESETS", PRESETS_DIR)).expanduser()
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file of option: value, with an error naming the file when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return loaded
+
+
+class Presets(Mapping):
+    """name -> the preset's values, read from its YAML file on each access, so an edited file takes effect."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        path = presets_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise KeyError(name)
+        return read_yaml_mapping(path)
+
+    def __iter__(self):
+        return iter(sorted(p.stem for p in presets_dir().glob("*.yaml")))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+PRESETS = Presets()
 
 
 def field_names() -> list[str]:
@@ -334,15 +313,11 @@ def coerce(name: str, value: Any, converters: dict[str, Any]) -> Any:
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
-# Values a dpo stage starts from, over the SFT run's settings (each keyed by preset; None = every preset).
-STAGE_DEFAULTS: dict[str, dict[str | None, dict[str, Any]]] = {
-    "dpo": {
-        # LoRA DPO moves an already tuned adapter: ~1/10 of the SFT rate (TRL's 1e-6 is for full fine-tunes,
-        # where every weight moves); a tenth of the steps warm up so the first updates stay near the reference.
-        None: {"learning_rate": 2e-5, "warmup_ratio": 0.1, "num_epochs": 1.0, "max_steps": -1},
-        # The tiny model is far from its preferences: a large rate shows the stage working in seconds.
-        "tiny": {"learning_rate": 5e-3, "max_steps": 20, "warmup_ratio": 0.0},
-    },
+# Values a dpo stage starts from, over the SFT run's settings; a preset file's `dpo:` section adds its own on top.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # LoRA DPO moves an already tuned adapter: ~1/10 of the SFT rate (TRL's 1e-6 is for full fine-tunes, where
+    # every weight moves); a tenth of the steps warm up so the first updates stay near the reference.
+    "dpo": {"learning_rate": 2e-5, "warmup_ratio": 0.1, "num_epochs": 1.0, "max_steps": -1},
 }
 # What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
 INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
@@ -357,21 +332,16 @@ def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None
     if base is not None:
         preset = base.get("preset", preset)
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]} if base is None else dict(base)
-    stage = overrides.get("stage") or values.get("stage", "sft")
-    defaults = STAGE_DEFAULTS.get(stage, {})
-    values.update({**defaults.get(None, {}), **defaults.get(preset, {})})
-    if yaml_file is not None:
-        path = Path(yaml_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of option: value")
-        if "preset" in loaded and loaded["preset"] != preset and base is None:
-            return make_config(loaded["preset"], yaml_file, **overrides)
-        values.update(loaded)
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)} "
+                          f"(the files in {presets_dir()})")
+    preset_values = PRESETS[preset]
+    loaded = read_yaml_mapping(yaml_file) if yaml_file is not None else {}
+    if "preset" in loaded and loaded["preset"] != preset and base is None:
+        return make_config(loaded["preset"], yaml_file, **overrides)
+    values: dict[str, Any] = {**_options(preset_values), "preset": preset} if base is None else dict(base)
+    stage = overrides.get("stage") or loaded.get("stage") or values.get("stage", "sft")
+    values.update({**STAGE_DEFAULTS.get(stage, {}), **preset_values.get(stage, {}), **loaded.get(stage, {})})
+    values.update(_options(loaded))
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
@@ -380,6 +350,11 @@ def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None
     cfg = TrainConfig(**{k: coerce(k, v, converters) for k, v in values.items()})
     validate(cfg)
     return cfg
+
+
+def _options(values: dict[str, Any]) -> dict[str, Any]:
+    """A preset or config file's option values, without its stage sections."""
+    return {k: v for k, v in values.items() if k not in STAGE_SECTIONS}
 
 
 def validate(cfg: TrainConfig) -> None:

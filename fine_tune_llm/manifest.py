@@ -82,8 +82,8 @@ def _cpu_count() -> int | None:
 
 
 def build_manifest(cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
-    from .data import resolve_source
-    from .modeling import model_source
+    from .data.rows import resolve_source
+    from .model.loading import model_source
 
     source, kwargs = model_source(cfg)
     return {

@@ -7,6 +7,7 @@
     RUN/release/<stage>/     release folders (adapter, merged, gguf)
     RUN/sft_run.json         (a preference stage) the SFT run it continued and that run's adapter hash
     RUN/trace/               per-rank row traces (debugging data sharding; off by default)
+    RUN/metrics/, RUN/imgs/  the run's own exported curves and plot (the demo's: the checkout stays clean)
 
 Every stage takes a RunDir (or a path it turns into one); no other module spells these names.
 """
@@ -21,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from . import splits as saved_splits
 from .config import TrainConfig, field_names
+from .data import splits as saved_splits
 from .errors import ConfigError
 from .files import read_json, write_atomic
 
@@ -98,8 +99,17 @@ class RunDir:
 
     @property
     def trace_dir(self) -> Path:
-        """Debug traces of which rows each process trained on (rowtrace.py; off unless asked for)."""
+        """Debug traces of which rows each process trained on (train/rowtrace.py; off unless asked for)."""
         return self.path / "trace"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Curves exported for this run alone (the shared place is the repository's metrics/)."""
+        return self.path / "metrics"
+
+    @property
+    def imgs_dir(self) -> Path:
+        return self.path / "imgs"
 
     def release_dir(self, stage: str) -> Path:
         return self.path / "release" / stage
@@ -136,7 +146,7 @@ class RunDir:
         return saved_splits.save(self.splits_file, splits, source)
 
     def load_splits(self) -> saved_splits.Splits:
-        """The rows training used, read back and checked against their hashes (see splits.py)."""
+        """The rows training used, read back and checked against their hashes (see data/splits.py)."""
         if not self.splits_file.is_file():
             raise ConfigError(f"no {self.splits_file.name} in {self.path}: the run predates saved splits or did "
                               f"not finish preparing its data; train it again to evaluate or release it")

@@ -36,7 +36,7 @@ def train_demo_run(root: Path) -> Path:
     """The `fine-tune-llm demo` run (tiny Gemma, 4-bit, shipped sample data), into a temporary directory."""
     sys.path.insert(0, str(REPO))
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.training import train
+    from fine_tune_llm.train.sft import train
 
     cfg = make_config("tiny", output_dir=str(root / "tiny-demo"), metrics_dir=str(root / "metrics"),
                       imgs_dir=str(root / "imgs"))

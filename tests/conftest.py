@@ -27,7 +27,7 @@ def need(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from fine_tune_llm.config import make_config
-    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.model.loading import load_tokenizer
 
     return load_tokenizer(make_config("tiny"))
 
@@ -51,7 +51,7 @@ def tiny_config(root: Path, run: str = "run", **overrides):
 
 def train_tiny(root: Path, run: str = "run", **overrides):
     """Train the tiny preset from scratch under root: (config, TrainResult)."""
-    from fine_tune_llm.training import train
+    from fine_tune_llm.train.sft import train
 
     cfg = tiny_config(root, run, **overrides)
     return cfg, train(cfg, resume=False)

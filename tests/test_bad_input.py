@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from fine_tune_llm.config import make_config
-from fine_tune_llm.data import load_splits, read_rows, to_examples
+from fine_tune_llm.data.rows import load_splits, read_rows, to_examples
 from fine_tune_llm.errors import DataError
 
 GOOD = {"question": "Why can't I focus?", "response_j": "That sounds draining.", "response_k": "Try harder."}
@@ -104,7 +104,7 @@ def test_nan_in_a_parquet_file_is_a_null(tmp_path):
 
 
 def test_a_prompt_longer_than_max_length_is_skipped_and_counted(tmp_path, tiny_tokenizer, caplog):
-    from fine_tune_llm.training import prepare_data, tokenize_split
+    from fine_tune_llm.train.sft import prepare_data, tokenize_split
 
     rows = [GOOD | {"question": f"Question {n}?"} for n in range(6)]
     rows[4]["question"] = "Why? " * 200

@@ -2,7 +2,13 @@
 
 import pytest
 
-from fine_tune_llm.chat import build_messages, encode_batch, fold_system, render_prompt, turn_end
+from fine_tune_llm.data.chat_template import (
+    build_messages,
+    encode_batch,
+    fold_system,
+    render_prompt,
+    turn_end,
+)
 from fine_tune_llm.errors import DataError
 
 QUESTION = "I keep worrying about my exams and cannot sleep. What can I do?"

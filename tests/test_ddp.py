@@ -11,8 +11,8 @@ import pytest
 import torch
 from cli_runs import REPO, env
 
-from fine_tune_llm import checkpoints
 from fine_tune_llm.config import make_config
+from fine_tune_llm.train import checkpoints
 
 CONFIGS = REPO / "configs" / "accelerate"
 
@@ -32,14 +32,14 @@ def test_accelerate_configs_load_and_say_what_they_are():
 
 
 def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
-    from fine_tune_llm.modeling import quantization_config
+    from fine_tune_llm.model.loading import quantization_config
 
     cfg = make_config("tiny", dtype="bfloat16")  # explicit: auto is float32 on CPUs without native bf16
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with fsdp_qlora.yaml sets
     q = quantization_config(cfg)
     assert q.bnb_4bit_quant_storage == q.bnb_4bit_compute_dtype == torch.bfloat16
-    # fp16 runs keep a block's float tensors in fp32 under FSDP (one dtype per flat parameter; modeling.py)
+    # fp16 runs keep a block's float tensors in fp32 under FSDP (one dtype per flat parameter; model/loading.py)
     assert quantization_config(make_config("tiny", dtype="float16")).bnb_4bit_quant_storage == torch.float32
 
 
@@ -55,7 +55,7 @@ def _agree(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from fine_tune_llm.trainer import StopOnSigint, all_ranks
+    from fine_tune_llm.train.trainers import StopOnSigint, all_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     args = SimpleNamespace(world_size=2, device=torch.device("cpu"))

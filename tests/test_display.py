@@ -4,8 +4,10 @@ import re
 
 import pytest
 
-from fine_tune_llm import display, hardware, notebook_utils
-from fine_tune_llm.chat import build_messages, encode_batch, render_prompt
+from fine_tune_llm.data.chat_template import build_messages, encode_batch, render_prompt
+from fine_tune_llm.model import hardware
+from fine_tune_llm.notebook import display
+from fine_tune_llm.notebook import paths as notebook_utils
 
 QUESTION = "I feel anxious before every exam. Is that normal? 😟"
 ANSWER = "It's very common to feel anxious before exams, and it shows you care. Breathing slowly can help – really."
@@ -94,7 +96,7 @@ def test_split_counts(tiny_tokenizer):
 
 
 def test_model_summary_of_a_4bit_lora_model(tiny_cfg):
-    from fine_tune_llm.modeling import add_lora, load_model, memory_footprint_mb, parameter_counts
+    from fine_tune_llm.model.loading import add_lora, load_model, memory_footprint_mb, parameter_counts
 
     base = load_model(tiny_cfg)
     before = display.model_summary(base)["value"]

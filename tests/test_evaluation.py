@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fine_tune_llm import scoring
-from fine_tune_llm.chat import build_messages, render_prompt
 from fine_tune_llm.config import make_config
-from fine_tune_llm.evaluation import eval_rows, load_for_eval
-from fine_tune_llm.generation import generate_answers
+from fine_tune_llm.data.chat_template import build_messages, render_prompt
+from fine_tune_llm.eval import scoring
+from fine_tune_llm.eval.evaluate import eval_rows, load_for_eval
+from fine_tune_llm.model.generation import generate_answers
 from fine_tune_llm.run import RunDir
 from tests.conftest import train_tiny
 
@@ -113,7 +113,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from fine_tune_llm.modeling import load_tokenizer
+    from fine_tune_llm.model.loading import load_tokenizer
 
     return load_tokenizer(make_config("tiny"))
 
@@ -125,7 +125,7 @@ def tuned(run):
 
 
 def test_eval_split_is_the_held_out_test_split_training_built(run, tiny_tokenizer):
-    from fine_tune_llm.training import prepare_data
+    from fine_tune_llm.train.sft import prepare_data
 
     splits, tokenized = prepare_data(run, tiny_tokenizer)
     rows = eval_rows(RunDir.of(run.output_dir), "test")
@@ -187,8 +187,8 @@ def test_fine_tuning_on_chosen_answers_raises_preference_accuracy(tiny_tokenizer
     """20 pairs; the tiny model was pre-trained on the rejected answers, so it starts by preferring them."""
     import dataclasses
 
-    from fine_tune_llm.data import load_splits
-    from fine_tune_llm.modeling import load_model
+    from fine_tune_llm.data.rows import load_splits
+    from fine_tune_llm.model.loading import load_model
 
     cfg = make_config("tiny")
     pairs = load_splits("sample", cfg.seed)["train"][:20]
@@ -225,7 +225,7 @@ def test_fine_tuning_on_chosen_answers_raises_preference_accuracy(tiny_tokenizer
 
 def test_evaluate_command_writes_report_and_runs_csv(run, tmp_path, capsys):
     from fine_tune_llm.cli import main
-    from fine_tune_llm.report import append_runs_csv
+    from fine_tune_llm.eval.report import append_runs_csv
 
     run_dir = Path(run.output_dir)
     assert main(["evaluate", str(run_dir), "--metrics-dir", str(tmp_path), "--n-generations", "2",
@@ -262,8 +262,8 @@ def test_evaluate_command_writes_report_and_runs_csv(run, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOL_GGUF.is_file() and REAL_DATA.is_file()), reason="../shared model and data absent")
 def test_untuned_smollm2_prefers_the_empathetic_answer_per_token():
-    from fine_tune_llm.data import load_splits
-    from fine_tune_llm.evaluation import score_model
+    from fine_tune_llm.data.rows import load_splits
+    from fine_tune_llm.eval.evaluate import score_model
 
     cfg = make_config("smollm2-135m", base_model=str(SMOL_GGUF), dataset=str(REAL_DATA))
     rows = load_splits(cfg.dataset, cfg.seed, None, cfg.val_fraction, cfg.test_fraction)["test"][:16]
@@ -280,9 +280,9 @@ def test_the_base_column_is_a_plain_float32_forward_of_the_released_weights(run)
     """The report's base column scores the unquantized weights as released, not the 4-bit copy training used."""
     from transformers import AutoModelForCausalLM
 
-    from fine_tune_llm.evaluation import load_columns
-    from fine_tune_llm.modeling import load_tokenizer
-    from fine_tune_llm.tiny import tiny_model_dir
+    from fine_tune_llm.eval.evaluate import load_columns
+    from fine_tune_llm.model.loading import load_tokenizer
+    from fine_tune_llm.model.tiny import tiny_model_dir
 
     runs = RunDir.of(run.output_dir)
     rows = eval_rows(runs, "test")[:4]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fine_tune_llm import trainer
+from fine_tune_llm.train import trainers as trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from common import rss_gb  # the benchmarks' RSS reader, from /proc

@@ -72,7 +72,7 @@ def test_gradient_comparison():
 
 def test_4bit_lora_gradients_match_the_dequantized_reference_on_cpu(tmp_path):
     """The grads check itself, on the tiny 4-bit model: same LoRA, 4-bit layers vs their dequantized weights."""
-    from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
+    from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer
 
     cfg = tiny_config(tmp_path, dtype="bfloat16")
     model = add_lora(load_model(cfg), cfg)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from fine_tune_llm import fast_loss, hardware, modeling
 from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import EnvironmentNotReady
+from fine_tune_llm.model import hardware
+from fine_tune_llm.model import loading as modeling
+from fine_tune_llm.train import answer_loss as fast_loss
 
 T4, A100, H100 = ("Tesla T4", 7, 5), ("NVIDIA A100-SXM4-40GB", 8, 0), ("NVIDIA H100 80GB HBM3", 9, 0)
 
@@ -92,7 +94,7 @@ def test_t4_reports_bf16_support_through_emulation_yet_auto_picks_fp16(gpu):
 
 def test_explicit_dtype_wins_and_emulated_bf16_warns(gpu, caplog):
     gpu(T4)
-    with caplog.at_level(logging.WARNING, logger="fine_tune_llm.hardware"):
+    with caplog.at_level(logging.WARNING, logger="fine_tune_llm.model.hardware"):
         p = hardware.precision(make_config("gemma-2b-it", dtype="bfloat16"))
     assert p.dtype == "bfloat16" and p.bf16 and not p.fp16
     assert "Tesla T4 (sm_75)" in p.warning and "emulates bf16" in p.warning and "float16" in p.warning
@@ -113,7 +115,7 @@ def test_resolved_config_records_the_dtype_training_used(gpu):
 
 def _build(cfg):
     from fine_tune_llm.run import RunDir
-    from fine_tune_llm.training import build_trainer, prepare_data
+    from fine_tune_llm.train.sft import build_trainer, prepare_data
 
     tokenizer = modeling.load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
@@ -148,7 +150,7 @@ def test_fp16_training_keeps_lora_weights_fp32_after_trl_casts_them(tmp_path, mo
 def test_trl_casts_lora_to_bf16_and_the_restore_undoes_it_only_for_fp16_and_fp32(tmp_path, monkeypatch):
     """Guards the upstream behaviour the restore exists for (trl/trainer/sft_trainer.py, QLoRA -> bf16), and that
     build_trainer applies the restore."""
-    from fine_tune_llm import training
+    from fine_tune_llm.train import sft as training
 
     cfg = tiny_config(tmp_path, dtype="float32", max_steps=1)
     assert set(_trainable(_build(cfg).model).values()) == {torch.float32}  # build_trainer restored them
@@ -242,7 +244,7 @@ def test_auto_without_a_c_compiler_picks_the_answer_only_loss(triton_on_cuda, mo
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in ("gcc", "clang") else
                         real_which(name, *a, **k))
     assert "C compiler" in fast_loss.triton_build_missing()
-    with caplog.at_level(logging.INFO, logger="fine_tune_llm.fast_loss"):
+    with caplog.at_level(logging.INFO, logger="fine_tune_llm.train.answer_loss"):
         assert fast_loss.wanted("auto") is True  # the test launch fails too: no CUDA device really exists
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "loss: answer-only logits" in message and "C compiler" in message and "test launch failed" in message

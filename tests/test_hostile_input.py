@@ -9,9 +9,15 @@ import shutil
 import pytest
 import torch
 
-from fine_tune_llm.chat import build_messages, control_strings, encode_batch, render_prompt, sanitize
 from fine_tune_llm.config import PRESETS, make_config
-from fine_tune_llm.data import drop_duplicates, load_splits, read_rows, to_examples
+from fine_tune_llm.data.chat_template import (
+    build_messages,
+    control_strings,
+    encode_batch,
+    render_prompt,
+    sanitize,
+)
+from fine_tune_llm.data.rows import drop_duplicates, load_splits, read_rows, to_examples
 from fine_tune_llm.errors import ConfigError, DataError
 
 HEADER = "question,response_j,response_k\n"
@@ -40,7 +46,7 @@ def test_byte_order_marks_do_not_hide_the_header(tmp_path, encoding):
 
 # --- very long, duplicate and blank rows --------------------------------------------------------------------
 def test_very_long_rows_load_then_are_skipped_or_truncated_with_a_count(tmp_path, tiny_tokenizer, caplog):
-    from fine_tune_llm.training import tokenize_split
+    from fine_tune_llm.train.sft import tokenize_split
 
     huge = "worry " * 60_000  # 360 kB in one CSV field: over the csv module's default 128 kB limit
     path = tmp_path / "long.csv"
@@ -134,7 +140,7 @@ def test_no_preset_trusts_remote_code_or_pickles():
 
 
 def test_a_model_asking_for_remote_code_is_refused_without_running_it(tmp_path):
-    from fine_tune_llm.modeling import load_model
+    from fine_tune_llm.model.loading import load_model
 
     sentinel = tmp_path / "code-ran"
     (tmp_path / "evil").mkdir()
@@ -162,7 +168,7 @@ class _Payload:
 
 @pytest.fixture
 def model_copy(tmp_path):
-    from fine_tune_llm.tiny import tiny_model_dir
+    from fine_tune_llm.model.tiny import tiny_model_dir
 
     src, dst = tiny_model_dir(), tmp_path / "model"
     shutil.copytree(src, dst)
@@ -174,7 +180,7 @@ def test_pickled_weights_are_refused_unless_allowed(model_copy, tmp_path):
 
     from safetensors.torch import load_file
 
-    from fine_tune_llm.modeling import load_model
+    from fine_tune_llm.model.loading import load_model
 
     sentinel = tmp_path / "pickle-ran"
     (model_copy / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Payload(sentinel)}))

@@ -71,8 +71,53 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_no_module_imports_one_that_imports_it_back():
     graph = import_graph()
-    assert graph["fine_tune_llm.training"], "the walker found no imports at all"
+    assert graph["fine_tune_llm.train.sft"], "the walker found no imports at all"
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# The stages, bottom to top. A module may import its own layer or a lower one, never a higher one, so a reader can
+# follow the job upward: the shared core (config, errors, files), the data, the model, the run directory and its
+# manifest (which record the data's split and the model's source), training, evaluation, release, and the front
+# ends (the command line, what the notebooks show) on top.
+LAYERS = [
+    {"fine_tune_llm.errors", "fine_tune_llm.files", "fine_tune_llm.config", "fine_tune_llm.console"},
+    {"fine_tune_llm.data"},
+    {"fine_tune_llm.model"},
+    {"fine_tune_llm.run", "fine_tune_llm.manifest"},
+    {"fine_tune_llm.train"},
+    {"fine_tune_llm.eval"},
+    {"fine_tune_llm.release"},
+    {"fine_tune_llm.cli", "fine_tune_llm.notebook"},
+    {"fine_tune_llm", "fine_tune_llm.__main__"},
+]
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    for depth in (2, 1):
+        prefix = ".".join(parts[:depth])
+        for i, layer in enumerate(LAYERS):
+            if prefix in layer:
+                return i
+    raise AssertionError(f"{module} is in no layer: add its folder to LAYERS")
+
+
+def test_the_package_is_folders_by_stage_with_few_top_level_modules():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "config", "console", "errors", "files", "manifest", "run"], top
+    stages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert {"data", "model", "train", "eval", "release", "cli"} <= set(stages), stages
+
+
+def test_stages_import_downward_only():
+    upward = [f"{name} -> {dep}" for name, deps in import_graph().items() for dep in deps
+              if layer_of(dep) > layer_of(name)]
+    assert not upward, upward
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert layer_of("fine_tune_llm.eval.scoring") > layer_of("fine_tune_llm.model.generation")
+    assert layer_of("fine_tune_llm.data.rows") < layer_of("fine_tune_llm.run")
 
 
 def test_no_class_is_defined_inside_a_function():
@@ -92,14 +137,14 @@ def test_only_the_run_directory_module_spells_the_run_layout():
 
 def test_splits_are_made_in_one_place():
     calls = [name for name, path in modules().items() if re.search(r"\bload_splits\(cfg", path.read_text())]
-    assert calls == ["fine_tune_llm.training"], calls
+    assert calls == ["fine_tune_llm.train.sft"], calls
 
 
 def test_cli_start_up_does_not_import_trl():
     import subprocess
     import sys
 
-    code = "import sys, fine_tune_llm.cli as c; c.build_parser(); print('trl' in sys.modules)"
+    code = "import sys, fine_tune_llm.cli.commands as c; c.build_parser(); print('trl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          check=False)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
@@ -108,6 +153,27 @@ def test_cli_start_up_does_not_import_trl():
 def test_the_public_surface_names_what_it_exports():
     import fine_tune_llm
 
-    assert set(fine_tune_llm.__all__) == set(fine_tune_llm._OWNERS)
+    assert set(fine_tune_llm.__all__) == set(fine_tune_llm._OWNERS) | set(fine_tune_llm._MODULES)
+    assert fine_tune_llm.show.__name__ == "fine_tune_llm.notebook.display"
     for name in ("RunDir", "make_config", "evaluate_run", "generate_answers"):
         assert getattr(fine_tune_llm, name).__name__ == name
+
+
+def test_the_notebooks_import_only_the_public_surface():
+    import json
+
+    import fine_tune_llm
+
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        code = "\n".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"]
+                         if c["cell_type"] == "code")
+        # IPython magics (%tensorboard) are not Python: each becomes a `pass` at its indentation.
+        lines = [line.split("%")[0] + "pass" if line.lstrip().startswith("%") else line for line in code.splitlines()]
+        tree = ast.parse("\n".join(lines))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fine_tune_llm"):
+                assert node.module == "fine_tune_llm", f"{notebook.name}: from {node.module} import ..."
+                missing = [a.name for a in node.names if a.name not in fine_tune_llm.__all__]
+                assert not missing, f"{notebook.name} imports {missing}, which __all__ does not export"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("fine_tune_llm") for a in node.names), notebook.name

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_config
 
-from fine_tune_llm import hardware, memory_estimate
 from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import ConfigError
+from fine_tune_llm.model import hardware
+from fine_tune_llm.train import memory_estimate
 
 GB = 1e9
 
@@ -115,9 +116,9 @@ def resident_bytes(model) -> int:
 def test_estimate_for_the_tiny_preset_matches_a_measured_cpu_run(tmp_path):
     from torch.profiler import ProfilerActivity, profile
 
-    from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer, restore_trainable_dtype
+    from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer, restore_trainable_dtype
     from fine_tune_llm.run import RunDir
-    from fine_tune_llm.training import build_trainer, prepare_data
+    from fine_tune_llm.train.sft import build_trainer, prepare_data
 
     cfg = tiny_config(tmp_path, max_steps=3, eval_steps=1000, save_steps=1000)
     tokenizer = load_tokenizer(cfg)
@@ -145,7 +146,7 @@ def _count(batch, sizes: list) -> dict:
 
 @pytest.mark.parametrize("lora_layers", [None, 1])
 def test_lora_parameter_count_matches_peft(tmp_path, lora_layers):
-    from fine_tune_llm.modeling import add_lora, load_model
+    from fine_tune_llm.model.loading import add_lora, load_model
 
     cfg = tiny_config(tmp_path, lora_layers=lora_layers)
     model = add_lora(load_model(cfg), cfg)

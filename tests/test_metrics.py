@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fine_tune_llm import metrics
+from fine_tune_llm.train import tensorboard_export as metrics
 from tests.conftest import train_tiny
 
 # CSV stem -> the key the Trainer puts in log_history for the same number.

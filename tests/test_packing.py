@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from fine_tune_llm.config import make_config
-from fine_tune_llm.fast_loss import ChunkedCrossEntropy, answer_positions
-from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
-from fine_tune_llm.training import build_trainer, prepare_data
+from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer
+from fine_tune_llm.train.answer_loss import ChunkedCrossEntropy, answer_positions
+from fine_tune_llm.train.sft import build_trainer, prepare_data
 
 # Tolerances: fp32 runs the same math in another order (measured: loss 1e-7, gradients 1e-6 relative); bf16
 # 4-bit, the real path, rounds each matmul to 8 bits (measured: same loss, gradients within 1.1% of the largest).
@@ -175,7 +175,7 @@ def test_answer_only_loss_without_num_items_is_the_mean_over_answer_tokens(train
 
 
 def test_the_project_trainer_uses_the_answer_only_loss_on_cpu(trainer):
-    from fine_tune_llm.fast_loss import AnswerOnlyLossMixin, wanted
+    from fine_tune_llm.train.answer_loss import AnswerOnlyLossMixin, wanted
 
     assert isinstance(trainer, AnswerOnlyLossMixin)
     if not torch.cuda.is_available():
@@ -187,7 +187,7 @@ def test_the_project_trainer_uses_the_answer_only_loss_on_cpu(trainer):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_equals_torch_across_chunks(monkeypatch, dtype):
-    from fine_tune_llm import fast_loss
+    from fine_tune_llm.train import answer_loss as fast_loss
 
     monkeypatch.setattr(fast_loss, "CE_CHUNK_ELEMENTS", 3 * 1000)  # 3 rows per chunk: 11 rows = 4 chunks
     torch.manual_seed(0)

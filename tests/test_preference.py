@@ -11,10 +11,11 @@ import pytest
 import torch
 from cli_runs import adapter, start, wait_for
 
-from fine_tune_llm import checkpoints, data
+from fine_tune_llm.data import rows as data
 from fine_tune_llm.errors import ConfigError, DataError
 from fine_tune_llm.run import RunDir
-from fine_tune_llm.stages import preference_config
+from fine_tune_llm.train import checkpoints
+from fine_tune_llm.train.lineage import preference_config
 from tests.conftest import train_tiny
 
 
@@ -29,7 +30,7 @@ def sft(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dpo(sft):
-    from fine_tune_llm.preference import train_preference
+    from fine_tune_llm.train.preference import train_preference
 
     cfg = preference_config(sft.path, max_steps=8, logging_steps=1, eval_steps=8, save_steps=8)
     return cfg, train_preference(cfg, resume=False)
@@ -50,13 +51,13 @@ def test_dpo_lowers_its_loss_and_raises_the_held_out_reward_margin(dpo):
 def test_reference_log_probs_are_the_sft_models_own(sft):
     """TRL copies the SFT adapter into a frozen "ref" adapter and precomputes its log-probs: they must equal the
     SFT model's log-probs of the same answers, scored independently."""
-    from fine_tune_llm.modeling import load_tokenizer
-    from fine_tune_llm.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
-    from fine_tune_llm.scoring import score_tokens
+    from fine_tune_llm.eval.scoring import score_tokens
+    from fine_tune_llm.model.loading import load_tokenizer
+    from fine_tune_llm.train.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
 
     cfg = preference_config(sft.path, output_dir=str(sft.path) + "-ref-check", max_steps=1)
     run = RunDir.of(cfg.output_dir)
-    from fine_tune_llm.stages import record_parent
+    from fine_tune_llm.train.lineage import record_parent
 
     record_parent(run, sft)
     tok = load_tokenizer(cfg)
@@ -80,8 +81,8 @@ def test_reference_log_probs_are_the_sft_models_own(sft):
 
 
 def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):
-    from fine_tune_llm.modeling import load_tokenizer
-    from fine_tune_llm.preference import prepare_pairs
+    from fine_tune_llm.model.loading import load_tokenizer
+    from fine_tune_llm.train.preference import prepare_pairs
 
     cfg, result = dpo
     saved = sft.load_splits()
@@ -97,7 +98,7 @@ def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):
 
 
 def test_the_run_records_its_sft_run_and_refuses_a_changed_sft_adapter(sft, dpo, tmp_path):
-    from fine_tune_llm.stages import parent_of
+    from fine_tune_llm.train.lineage import parent_of
 
     _cfg, result = dpo
     record = json.loads(result.run.parent_file.read_text())
@@ -156,7 +157,7 @@ def test_a_killed_dpo_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(sf
 
 
 def test_evaluating_a_dpo_run_compares_base_sft_and_sft_dpo_and_the_card_names_both_stages(sft, dpo, tmp_path):
-    from fine_tune_llm.evaluation import evaluate_run
+    from fine_tune_llm.eval.evaluate import evaluate_run
     from fine_tune_llm.release import release_adapter
 
     _cfg, result = dpo
@@ -188,9 +189,9 @@ def test_the_preference_goal_check_names_what_failed():
 def test_simpo_is_dpo_trainers_normalized_loss_with_constant_offsets(sft, tmp_path):
     """loss_type simpo: the first step's loss (one batch of every training pair, before any update) equals SimPO's
     -log sigmoid(beta/|c| log p(c) - beta/|r| log p(r) - gamma), computed here from the SFT model's log-probs."""
-    from fine_tune_llm.modeling import load_tokenizer
-    from fine_tune_llm.preference import load_policy, prepare_pairs, train_preference
-    from fine_tune_llm.scoring import score_tokens
+    from fine_tune_llm.eval.scoring import score_tokens
+    from fine_tune_llm.model.loading import load_tokenizer
+    from fine_tune_llm.train.preference import load_policy, prepare_pairs, train_preference
 
     cfg = preference_config(sft.path, loss_type="simpo", beta=2.0, simpo_gamma=1.0, max_steps=1, batch_size=256,
                             output_dir=str(tmp_path / "simpo"), eval_steps=100, save_steps=100)

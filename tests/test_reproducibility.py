@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-from fine_tune_llm import rowtrace, training
 from fine_tune_llm.config import make_config
+from fine_tune_llm.train import rowtrace
+from fine_tune_llm.train import sft as training
 
 # 40 rows -> 32 train rows: 8 sequences an optimizer step, 3 steps. Nothing is truncated at 192 tokens.
 SMALL = {"data_samples": 40, "max_length": 192, "max_steps": 3, "save_steps": 100, "eval_steps": 100,
@@ -21,7 +22,7 @@ SMALL = {"data_samples": 40, "max_length": 192, "max_steps": 3, "save_steps": 10
 def varied_data(tmp_path_factory):
     """The shipped sample, with every other answer cut to its first sentence: answers of 15 to 120 tokens.
     (The sample's own answers are all 88-122 tokens long, and equal lengths hide a wrong loss normalization.)"""
-    from fine_tune_llm.data import SAMPLE_DATA, read_rows
+    from fine_tune_llm.data.rows import SAMPLE_DATA, read_rows
 
     rows = read_rows(SAMPLE_DATA)
     for n, row in enumerate(rows):
@@ -109,7 +110,7 @@ def test_accumulation_equals_a_bigger_batch_within_bf16_rounding_in_qlora(runs):
 
 def _step1_losses(result) -> tuple[float, float]:
     """Per-row answer losses of the untrained model on the 8 rows of step 1, combined both ways."""
-    from fine_tune_llm.modeling import load_model, load_tokenizer
+    from fine_tune_llm.model.loading import load_model, load_tokenizer
 
     cfg = result.run.read_config()
     tok = load_tokenizer(cfg)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from cli_runs import adapter, losses, run, run_args, start, wait_for
 
-from fine_tune_llm import checkpoints
 from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import ConfigError
-from fine_tune_llm.metrics import read_scalars
 from fine_tune_llm.run import RunDir
+from fine_tune_llm.train import checkpoints
+from fine_tune_llm.train.tensorboard_export import read_scalars
 
 
 def fake_checkpoint(run_dir: Path, step: int) -> Path:
@@ -55,7 +55,7 @@ def test_a_step_saved_again_loses_its_old_marker_first(tmp_path):
     """After a resume, a folder for a step the dead run already reached is stale: its marker must go before the
     Trainer writes over it, or a kill during that overwrite would leave same-size files vouched for."""
     stale = fake_checkpoint(tmp_path, 6)
-    from fine_tune_llm.trainer import CompletionMarker
+    from fine_tune_llm.train.trainers import CompletionMarker
 
     cb = CompletionMarker()
     args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=5, is_world_process_zero=True)

@@ -57,13 +57,13 @@ def test_error_messages_and_tracebacks_are_redacted(monkeypatch, capsys):
         raise ConnectionError(f"401 for url with headers {{'authorization': 'Bearer {TOKENS['HF_TOKEN']}'}}")
 
     monkeypatch.setattr(datasets, "load_dataset", echoing_load)
-    from fine_tune_llm.data import read_rows
+    from fine_tune_llm.data.rows import read_rows
 
     with pytest.raises(DataError) as err:
         read_rows("someone/private-set")
     assert "Bearer <redacted>" in str(err.value) and not leaks(str(err.value))
 
-    from fine_tune_llm import cli as cli_module
+    from fine_tune_llm.cli import commands as cli_module
 
     def crash(args):
         raise RuntimeError(f"token={TOKENS['HUGGING_FACE_HUB_TOKEN']}")

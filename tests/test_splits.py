@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from fine_tune_llm import data
+from fine_tune_llm.data import rows as data
 from fine_tune_llm.errors import DataError
-from fine_tune_llm.evaluation import eval_rows
+from fine_tune_llm.eval.evaluate import eval_rows
 from fine_tune_llm.run import RunDir
 from tests.conftest import train_tiny
 

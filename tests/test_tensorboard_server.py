@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fine_tune_llm import metrics
+from fine_tune_llm.train import tensorboard_export as metrics
 from tests.conftest import train_tiny
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fine_tune_llm.modeling import add_lora, load_model, load_tokenizer
+from fine_tune_llm.model.loading import add_lora, load_model, load_tokenizer
 from tests.conftest import train_tiny
 
 
@@ -116,8 +116,8 @@ def test_real_small_chat_model_from_gguf_loads_in_4bit_and_masks_its_own_turn_en
     """The smollm2-135m preset on the real GGUF: rewritten once as safetensors, then NF4 like any Hub model."""
     import bitsandbytes as bnb
 
-    from fine_tune_llm.chat import build_messages, encode_batch
     from fine_tune_llm.config import make_config
+    from fine_tune_llm.data.chat_template import build_messages, encode_batch
     from tests.conftest import SMOLLM_DIR, SMOLLM_GGUF, need
 
     monkeypatch.setenv("FINE_TUNE_LLM_CACHE", str(tmp_path / "cache"))
@@ -137,7 +137,7 @@ def test_lora_input_casts_are_skipped_only_under_autocast_and_restored_after(tmp
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from fine_tune_llm.training import lora_inputs_uncast
+    from fine_tune_llm.train.sft import lora_inputs_uncast
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path)
@@ -152,7 +152,7 @@ def test_lora_input_casts_are_skipped_only_under_autocast_and_restored_after(tmp
 
 
 def test_group_by_length_reaches_the_trainers_sampler(tmp_path):
-    from fine_tune_llm.training import sft_config
+    from fine_tune_llm.train.sft import sft_config
     from tests.conftest import tiny_config
 
     assert sft_config(tiny_config(tmp_path), tmp_path).train_sampling_strategy == "random"
@@ -165,7 +165,7 @@ def test_pad_to_multiple_of_bounds_batch_shapes_and_keeps_the_loss(tmp_path):
     batch is the same padded to 16 as padded to its longest row."""
     import dataclasses
 
-    from fine_tune_llm.training import build_trainer, prepare_data
+    from fine_tune_llm.train.sft import build_trainer, prepare_data
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, padding_free=False, dtype="float32", quantization="none", pad_to_multiple_of=16)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ReleaseCheckFailed
-from ..generation import generation_config
+from ..model.generation import generation_config
 from ..run import ADAPTER_CONFIG_FILE
 from .checks import check_common, check_tokenizer
 from .common import (

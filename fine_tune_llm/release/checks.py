@@ -27,7 +27,7 @@ def check_tokenizer(result: CheckResult, need_sp_model: bool = False):
     Returns the tokenizer (or None when it does not load)."""
     from transformers import AutoTokenizer
 
-    from ..chat import turn_end
+    from ..data.chat_template import turn_end
 
     folder = result.folder
     try:

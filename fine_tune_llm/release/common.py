@@ -140,7 +140,7 @@ def tokenizer_model_source(cfg: TrainConfig, explicit: str | Path | None = None)
         if not p.is_file():
             raise ConfigError(f"tokenizer.model not found at {p}")
         return p
-    from ..modeling import model_source
+    from ..model.loading import model_source
 
     source, _ = model_source(cfg)
     local = Path(source).expanduser()

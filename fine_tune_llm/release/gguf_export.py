@@ -327,7 +327,7 @@ def k_quant_note(path: Path, quant: str) -> str:
 def _turn_end(model_dir: Path) -> str:
     from transformers import AutoTokenizer
 
-    from ..chat import turn_end
+    from ..data.chat_template import turn_end
 
     return turn_end(AutoTokenizer.from_pretrained(str(model_dir)))
 
@@ -350,7 +350,7 @@ class Probe:
 def probe_for(model_dir: Path) -> Probe:
     from transformers import AutoTokenizer
 
-    from ..chat import build_messages, control_strings, render_prompt, turn_end
+    from ..data.chat_template import build_messages, control_strings, render_prompt, turn_end
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rendered = [render_prompt(tok, build_messages(q)) for q in PROBE_QUESTIONS]

@@ -25,9 +25,9 @@ import torch
 
 from ..errors import ConfigError, ReleaseCheckFailed
 from ..files import read_json, write_json
-from ..generation import generation_config
-from ..hardware import check_environment, device_map
-from ..modeling import guard_cpu_4bit, load_model
+from ..model.generation import generation_config
+from ..model.hardware import check_environment, device_map
+from ..model.loading import guard_cpu_4bit, load_model
 from .checks import check_common, check_tokenizer
 from .common import (
     CheckResult,
@@ -44,7 +44,7 @@ from .parity import EFFECT_RTOL, LOGIT_ATOL, LOSS_ATOL, Parity, Probe, build_pro
 log = logging.getLogger(__name__)
 MODES = ("bf16", "nf4")
 PARITY_FILE = "parity.json"
-# Saved bytes may exceed 2 x parameters only by the safetensors headers.
+# Saved bytes may exceed 2 bytes per parameter only by the safetensors headers.
 SIZE_SLACK = 0.01
 
 

@@ -146,7 +146,7 @@ def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, i
     if dataset:
         source = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     elif cfg.dataset == "sample":
-        source = "the 160-row sample shipped with fine-tune-llm (`fine_tune_llm/assets/sample_psychology.jsonl`)"
+        source = "the 160-row sample shipped with fine-tune-llm (`fine_tune_llm/data/assets/sample_psychology.jsonl`)"
     else:
         source = f"a local file, `{Path(cfg.dataset).name}`"
     lines = ["## Training data", "", f"Source: {source}."]

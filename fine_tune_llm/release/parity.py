@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..chat import build_messages, encode_batch, render_prompt
 from ..config import TrainConfig
+from ..data.chat_template import build_messages, encode_batch, render_prompt
 from ..errors import DataError
 from ..run import RunDir
 

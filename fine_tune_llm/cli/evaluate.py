@@ -1,0 +1,55 @@
+"""`fine-tune-llm evaluate RUN_DIR`: base vs tuned on the held-out split."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory made by `fine-tune-llm train` (its config, saved splits and adapter/)")
+    p.add_argument("--split", default="test", choices=["test", "validation", "train"],
+                   help="held-out test split by default: never trained on, never used to pick a checkpoint")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n-generations", type=int, default=5, help="held-out questions answered by base and tuned")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--metrics-dir", default=None, help="where runs.csv gets its row (default: the run's metrics_dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled generations and the bootstrap")
+    p.add_argument("--quantized", action="store_true",
+                   help="score the 4-bit base as trained instead of the released (unquantized) weights; labelled so")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Perplexity, preference margin and generations: base vs each tuned stage; writes report.json/.md."""
+    from ..eval.evaluate import evaluate_run
+
+    report = evaluate_run(args.run_dir, split=args.split, batch_size=args.batch_size,
+                          n_generations=args.n_generations, max_new_tokens=args.max_new_tokens,
+                          metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized)
+    print(summary(report))
+    return 0
+
+
+def summary(report: dict) -> str:
+    """The report as a small table: one column per model (base, SFT, SFT+DPO)."""
+    labels = report.get("columns") or {"base": "base", "tuned": "tuned"}
+    m, names = report["metrics"], list(report.get("columns") or ["base", "tuned"])
+    rows = [("perplexity", "perplexity"), ("bits per byte", "bits_per_byte"),
+            ("pref. accuracy (normalized)", "accuracy_normalized"), ("pref. accuracy (raw sum)", "accuracy_sum"),
+            ("mean margin (nats/token)", "mean_margin")]
+    base = m["base"]
+    lines = [(f"\n{report['run']}: {report['settings']['split']} split, {base['answers']} answers, "
+             f"{base.get('pairs', 0)} pairs; {report['settings'].get('weights', '')}"),
+             f"  {'':30s}" + "".join(f"{labels[n]:>16s}" for n in names)]
+    lines += [f"  {label:30s}" + "".join(f"{m[n][key]:16.4f}" for n in names) for label, key in rows if key in base]
+    if base.get("pairs"):
+        cis = ["[{:.2f}, {:.2f}]".format(*m[n]["margin_ci95"]) for n in names]
+        lines.append(f"  {'margin 95% CI':30s}" + "".join(f"{c:>16s}" for c in cis))
+    lengths = report.get("generation_lengths") or {}
+    if lengths:
+        lines.append(f"  {'greedy answer tokens (mean)':30s}"
+                     + "".join(f"{(lengths[n]['mean_new_tokens'] or 0):16.1f}" for n in names))
+        lines.append(f"  {'greedy answers that ended':30s}"
+                     + "".join(f"{str(lengths[n]['ended_turn']) + '/' + str(lengths[n]['answers']):>16s}"
+                               for n in names))
+    lines.append(f"  report: {report['run_dir']}/report.md")
+    return "\n".join(lines)

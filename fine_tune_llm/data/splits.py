@@ -1,0 +1,84 @@
+"""Saved splits: which rows of the data a run trained, validated and tested on.
+
+Training writes the membership once (`splits.json` in the run directory): each split's rows by their 1-based
+number in the data file, a hash of each row's content, and a hash of each split. Every later stage (evaluation,
+merge parity, the model card, the preference stage) reads it instead of splitting again, so an old run's
+held-out rows stay what they were when the split code changes, and an edited data file is caught instead of
+silently changing what "held-out" means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..files import read_json, sha256_file, write_json
+from .rows import load_examples, resolve_source
+
+FORMAT = 1
+Splits = dict[str, list[dict[str, Any]]]
+
+
+def row_hash(example: dict[str, Any]) -> str:
+    """What the run saw of a row: its question, trained answer and rejected answer."""
+    text = json.dumps([example["question"], example["answer"], example.get("rejected")], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_hash(hashes: list[str]) -> str:
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def membership(splits: Splits, source: str) -> dict[str, Any]:
+    """The JSON record of `splits`: rows in the order training used them, with content hashes."""
+    resolved = Path(resolve_source(source))
+    record: dict[str, Any] = {"format": FORMAT, "source": source,
+                              "file_sha256": sha256_file(resolved) if resolved.is_file() else None, "splits": {}}
+    for name, rows in splits.items():
+        hashes = [row_hash(r) for r in rows]
+        record["splits"][name] = {"count": len(rows), "sha256": split_hash(hashes), "rows": [r["row"] for r in rows],
+                                  "row_sha256": hashes}
+    return record
+
+
+def save(path: str | Path, splits: Splits, source: str) -> Path:
+    return write_json(path, membership(splits, source))
+
+
+def load(path: str | Path, source: str | None = None) -> Splits:
+    """The saved splits' rows, read back from the data file and checked against their hashes.
+
+    Raises DataError naming the file and how many rows differ when the data changed since training: results on
+    such rows are not the run's held-out results."""
+    record = read_json(path)
+    if record is None or record.get("format") != FORMAT:
+        raise DataError(f"{path}: missing or unreadable split record (written by `fine-tune-llm train`)")
+    source = source or record["source"]
+    file = resolve_source(source)
+    by_row = {ex["row"]: ex for ex in load_examples(file)}
+    out: Splits = {}
+    changed: dict[str, int] = {}
+    for name, saved in record["splits"].items():
+        rows = [by_row.get(n) for n in saved["rows"]]
+        bad = sum(r is None or row_hash(r) != h for r, h in zip(rows, saved["row_sha256"]))
+        if bad:
+            changed[name] = bad
+        out[name] = [r for r in rows if r is not None]
+    if changed:
+        total = sum(changed.values())
+        detail = ", ".join(f"{n} of {record['splits'][s]['count']} {s}" for s, n in changed.items())
+        raise DataError(f"{file}: {total} row(s) differ from the data this run was trained on ({detail}; "
+                        f"recorded in {path}). Results on it would not be the run's held-out results: restore "
+                        f"the file the run trained on, or train a new run on this one.")
+    return out
+
+
+def counts(path: str | Path) -> dict[str, int] | None:
+    """Rows per split as recorded, without reading the data (the model card's data section)."""
+    record = read_json(path)
+    if record is None:
+        return None
+    return {name: s["count"] for name, s in record.get("splits", {}).items()}

@@ -1,0 +1,208 @@
+"""Before/after evaluation of a run on its saved held-out test split: the base model and each tuned stage
+(SFT; SFT+DPO for a preference run), compared as users run them.
+
+One model is loaded: the base weights as released (unquantized, float32 compute) with each stage's adapter on
+top, switched per column; the base column has every adapter off. So every column sees the same weights, data,
+tokens and settings, and the tuned columns are what the merged release computes. `quantized=True` scores the
+4-bit base training saw instead, labelled as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import ConfigError, DataError
+from ..model.generation import generate_answers
+from ..model.hardware import check_environment
+from ..model.loading import guard_cpu_4bit, load_model, load_tokenizer
+from ..run import RunDir
+from ..train.lineage import parent_of
+from .scoring import language_metrics, preference_metrics, score_answers
+
+log = logging.getLogger(__name__)
+# float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
+# evaluation numbers must not depend on the batch size.
+EVAL_DTYPE = "float32"
+
+
+def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype: str = EVAL_DTYPE):
+    """The base model as the config loads it (quantized as configured), plus the adapter when given.
+
+    Compute runs in float32 by default (EVAL_DTYPE); the stored weights stay as configured (4-bit).
+    """
+    eval_cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(eval_cfg)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ConfigError(f"no adapter in {adapter_dir} (adapter_config.json missing): did training finish?")
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    guard_cpu_4bit(model)
+    model.eval()
+    return model, tokenizer
+
+
+def eval_rows(run: RunDir, split: str = "test") -> list[dict[str, Any]]:
+    """The run's saved split (splits.json), read back and checked against the data file."""
+    splits = run.load_splits()
+    if split not in splits:
+        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(splits)}")
+    if split == "train":
+        log.warning("evaluating on the train split: these numbers say how well the model fits, not generalizes")
+    rows = splits[split]
+    if not rows:
+        option = {"test": "test_fraction", "validation": "val_fraction"}.get(split, "data_samples")
+        raise DataError(f"the {split} split of {run} is empty: raise {option} when training, or evaluate "
+                        f"another split")
+    return rows
+
+
+def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
+                label: str = "", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Perplexity and bits per byte on the chosen answers; preference over (chosen, rejected) pairs."""
+    kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size,
+              "progress": progress}
+    questions = [r["question"] for r in rows]
+    chosen = score_answers(model, tokenizer, questions, [r["answer"] for r in rows],
+                           desc=f"{label} chosen".strip(), **kwargs)
+    metrics = language_metrics(chosen)
+    pair_rows = [i for i in chosen.kept if rows[i].get("rejected")]
+    if pair_rows:
+        rejected = score_answers(model, tokenizer, [questions[i] for i in pair_rows],
+                                 [rows[i]["rejected"] for i in pair_rows], desc=f"{label} rejected".strip(), **kwargs)
+        at = {i: n for n, i in enumerate(chosen.kept)}
+        pairs = [(at[pair_rows[n]], n) for n in rejected.kept]
+        metrics.update(preference_metrics(
+            ([chosen.nats[j] for j, _ in pairs], [chosen.tokens[j] for j, _ in pairs]),
+            ([rejected.nats[k] for _, k in pairs], [rejected.tokens[k] for _, k in pairs]), seed=seed))
+    else:
+        metrics["pairs"] = 0
+    return metrics
+
+
+@dataclass
+class Columns:
+    """One model in memory, several columns of the report: the base (adapters off) and each tuned stage (its
+    adapter on). Every column sees the same base weights, data, tokens and settings."""
+
+    model: Any
+    names: list[str]  # "base", then "sft" for a preference run, then "tuned" (the run's own adapter)
+    labels: dict[str, str]
+    weights: str  # which base weights and compute, said in the report
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        if name == "base":
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(name)
+            yield self.model
+
+
+def load_columns(run: RunDir, cfg: TrainConfig, quantized: bool = False) -> Columns:
+    """Base as released (unquantized weights, float32 compute) and each stage's adapter on it: what a user runs
+    (the merged model is exactly this). quantized=True scores the 4-bit base training saw instead, labelled so."""
+    import torch
+    from peft import PeftModel
+
+    sft = parent_of(run) if cfg.stage == "dpo" else None
+    adapters = ([("sft", sft.adapter_dir)] if sft else []) + [("tuned", run.adapter_dir)]
+    for _, folder in adapters:
+        if not (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"no adapter in {folder} (adapter_config.json missing): did training finish?")
+    base = load_model(dataclasses.replace(cfg, dtype=EVAL_DTYPE), quantize=quantized, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapters[0][1]), adapter_name=adapters[0][0], is_trainable=False)
+    for name, folder in adapters[1:]:
+        model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+    guard_cpu_4bit(model)
+    model.eval()
+    tuned = {"sft": "SFT+DPO" if sft else "SFT", "dpo": "SFT+DPO"}.get(cfg.stage, "tuned")
+    labels = {"base": "base", **({"sft": "SFT"} if sft else {}), "tuned": tuned}
+    weights = ("4-bit NF4 base as trained (quantized view), float32 compute" if quantized and cfg.quantization != "none"
+               else "base weights as released (unquantized), float32 compute")
+    return Columns(model, ["base", *[n for n, _ in adapters]], labels, weights)
+
+
+def compare_generations(columns: Columns, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
+                        system_prompt: str | None, seed: int, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Greedy and sampled answers from every column, with the same settings and seed."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for mode, sample in (("greedy", False), ("sampled", True)):
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
+                  "system_prompt": system_prompt, "progress": progress}
+        answers = {}
+        for name in columns.names:
+            with columns.use(name) as model:
+                answers[name] = generate_answers(model, tokenizer, questions, **kwargs)
+        out[mode] = [{"question": q, **{name: _strip(answers[name][i]) for name in columns.names}}
+                     for i, q in enumerate(questions)]
+    return out
+
+
+def length_summary(generations: dict[str, list[dict[str, Any]]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per column, from the greedy answers: mean generated tokens and how many ended their turn by themselves.
+    A preference stage can learn "longer" instead of "kinder" (the chosen answer is the longer one in ~99% of
+    the psychology pairs): this is where a reader sees it."""
+    rows = generations.get("greedy", [])
+    out = {}
+    for name in names:
+        answers = [g[name] for g in rows]
+        out[name] = {"answers": len(answers),
+                     "mean_new_tokens": sum(a["new_tokens"] for a in answers) / len(answers) if answers else None,
+                     "ended_turn": sum(not a["hit_max_tokens"] for a in answers)}
+    return out
+
+
+def _strip(answer: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k != "question"}
+
+
+def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
+                 max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
+                 progress: bool = True, quantized: bool = False) -> dict[str, Any]:
+    """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row."""
+    from .report import append_runs_csv, build_report, write_report
+
+    t0 = time.time()
+    run = RunDir.of(run_dir)
+    cfg = run.read_config()
+    check_environment(cfg, purpose="evaluate")
+    rows = eval_rows(run, split)
+    columns = load_columns(run, cfg, quantized)
+    tokenizer = load_tokenizer(cfg)
+    metrics = {}
+    for name in columns.names:
+        with columns.use(name) as model:
+            metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name], seed=seed,
+                                        progress=progress)
+    questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
+    generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
+                                      seed, progress) if questions else {}
+    settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
+                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE, "weights": columns.weights,
+                "quantized": quantized, "sampling": _sampling_settings(columns.model)}
+    report = build_report(run, cfg, settings, metrics, columns.labels, generations,
+                          length_summary(generations, columns.names), time.time() - t0)
+    write_report(run, report)
+    append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
+    return report
+
+
+# What transformers samples with when the model's generation config leaves a knob unset.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def _sampling_settings(model) -> dict[str, Any]:
+    gen = getattr(model, "generation_config", None)
+    return {k: v if getattr(gen, k, None) is None else getattr(gen, k) for k, v in SAMPLING_DEFAULTS.items()}

@@ -1,0 +1,191 @@
+"""Log-likelihood of answers given their questions, and the numbers built on it.
+
+Every number here starts from the same per-answer pair (nats, tokens): the summed negative log-likelihood of the
+answer tokens and how many there were, with the answer mask training uses (chat.encode_batch: the answer plus
+the template's end-of-turn token). From those:
+- perplexity = exp(total nats / total tokens), token-weighted (a mean of per-batch means would weight a short
+  answer in a small batch like a long one);
+- bits per byte = total nats / ln 2 / UTF-8 bytes of the answers, which compares across tokenizers;
+- preference: for (question, chosen, rejected) pairs, which answer the model finds more likely, per token
+  (length-normalized) and in total (raw sum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import console
+from ..data.chat_template import build_messages, control_strings, encode_batch, sanitize
+from ..model.loading import model_device
+
+
+@dataclass
+class Scored:
+    """Per-answer results in input order. Rows whose prompt alone fills max_length are left out (`kept`)."""
+
+    nats: list[float]
+    tokens: list[int]
+    bytes: list[int]
+    kept: list[int]  # indices into the input lists
+
+    @property
+    def total_nats(self) -> float:
+        return math.fsum(self.nats)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes)
+
+
+def encode_answers(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int,
+                   system_prompt: str | None = None) -> dict[str, list[Any]]:
+    """Exactly the tokens and answer mask training uses (training.tokenize_split calls the same encoder)."""
+    prompts = [build_messages(q, system_prompt) for q in questions]
+    enc = encode_batch(tokenizer, prompts, list(answers), max_length)
+    controls = control_strings(tokenizer)
+    enc["bytes"] = [_answer_bytes(tokenizer, controls, a, ids, mask, status)
+                    for a, ids, mask, status in zip(answers, enc["input_ids"], enc["completion_mask"], enc["status"])]
+    return enc
+
+
+def _answer_bytes(tokenizer, controls: list[str], answer: str, ids: list[int], mask: list[int], status: str) -> int:
+    """UTF-8 bytes of the answer text that was scored. The end-of-turn token adds no bytes: it is markup."""
+    if status == "ok":
+        return len(sanitize(answer, controls).strip().encode("utf-8"))
+    # Truncated: only the tokens that fit were scored, so count the bytes of exactly those.
+    answer_ids = [t for t, m in zip(ids, mask) if m]
+    return len(tokenizer.decode(answer_ids, skip_special_tokens=True).encode("utf-8"))
+
+
+@torch.inference_mode()
+def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Sequence[Sequence[int]],
+                 pad_id: int = 0, batch_size: int = 8, desc: str | None = None,
+                 progress: bool = True) -> tuple[list[float], list[int]]:
+    """Summed answer NLL (nats) and answer token count for each sequence, in input order.
+
+    Batches are filled longest-first so little compute goes to padding. Padding is on the right with an
+    attention mask, so a real token never sees a pad and keeps its position: with float32 logits, a sequence
+    scores the same alone or in any batch.
+    """
+    n = len(input_ids)
+    order = sorted(range(n), key=lambda i: -len(input_ids[i]))
+    nats, tokens = [0.0] * n, [0] * n
+    device = model_device(model)
+    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    for idx in console.progress(batches, desc=desc or "scoring", unit="batch", disable=not progress, leave=False):
+        width = max(len(input_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            length = len(input_ids[i])
+            ids[row, :length] = torch.tensor(input_ids[i])
+            attention[row, :length] = 1
+            mask[row, :length] = torch.tensor(completion_mask[i], dtype=torch.bool)
+        # use_cache=False: a one-pass score needs no KV cache (building one costs a concat per layer).
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        # Position t predicts token t+1: a masked target at t+1 is scored from the logits at t.
+        target = mask[:, 1:]
+        picked = logits[:, :-1][target.to(logits.device)].float()
+        labels = ids[:, 1:][target].to(picked.device)
+        logp = torch.log_softmax(picked, dim=-1).gather(-1, labels[:, None]).squeeze(-1).double().cpu()
+        counts = target.sum(dim=1).tolist()
+        for i, chunk, count in zip(idx, torch.split(logp, counts), counts):
+            nats[i] = -chunk.sum().item()
+            tokens[i] = int(count)
+    return nats, tokens
+
+
+def score_answers(model, tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int,
+                  system_prompt: str | None = None, batch_size: int = 8, desc: str | None = None,
+                  progress: bool = True) -> Scored:
+    """Encode (question, answer) pairs the way training does and score every answer that fits."""
+    enc = encode_answers(tokenizer, questions, answers, max_length, system_prompt)
+    kept = [i for i, s in enumerate(enc["status"]) if s != "too_long"]
+    nats, tokens = score_tokens(model, [enc["input_ids"][i] for i in kept],
+                                [enc["completion_mask"][i] for i in kept], pad_id=_pad_id(tokenizer),
+                                batch_size=batch_size, desc=desc, progress=progress)
+    return Scored(nats, tokens, [enc["bytes"][i] for i in kept], kept)
+
+
+def _pad_id(tokenizer) -> int:
+    # Any id works (pads are masked out of attention and of the loss); 0 when the tokenizer has none.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def perplexity(total_nats: float, total_tokens: int) -> float:
+    """exp of the token-weighted mean NLL."""
+    return math.exp(total_nats / total_tokens) if total_tokens else float("nan")
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    return total_nats / math.log(2) / total_bytes if total_bytes else float("nan")
+
+
+def language_metrics(scored: Scored) -> dict[str, Any]:
+    return {
+        "answers": len(scored.kept),
+        "answer_tokens": scored.total_tokens,
+        "answer_bytes": scored.total_bytes,
+        "nats": scored.total_nats,
+        "loss": scored.total_nats / scored.total_tokens if scored.total_tokens else float("nan"),
+        "perplexity": perplexity(scored.total_nats, scored.total_tokens),
+        "bits_per_byte": bits_per_byte(scored.total_nats, scored.total_bytes),
+    }
+
+
+def preference_metrics(chosen: tuple[Sequence[float], Sequence[int]], rejected: tuple[Sequence[float], Sequence[int]],
+                       n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """How often, and by how much, the model prefers the chosen answer of each pair.
+
+    chosen/rejected: (nats, tokens) per pair, aligned. Log-likelihood is -nats; the normalized score is the
+    mean log-prob per answer token. Ties count as half right. The margin (normalized chosen minus rejected,
+    in nats per token) keeps moving after accuracy saturates; its 95% CI is a percentile bootstrap over pairs.
+    """
+    nats_j, tok_j = np.asarray(chosen[0], dtype=float), np.asarray(chosen[1], dtype=float)
+    nats_k, tok_k = np.asarray(rejected[0], dtype=float), np.asarray(rejected[1], dtype=float)
+    n = len(nats_j)
+    if n == 0:
+        return {"pairs": 0}
+    norm_margin = (-nats_j / tok_j) - (-nats_k / tok_k)
+    sum_margin = (-nats_j) - (-nats_k)
+    lo, hi = bootstrap_ci(norm_margin, n_boot=n_boot, seed=seed)
+    return {
+        "pairs": n,
+        "accuracy_normalized": _accuracy(norm_margin),
+        "accuracy_sum": _accuracy(sum_margin),
+        "mean_margin": float(norm_margin.mean()),
+        "margin_ci95": [lo, hi],
+        "mean_margin_sum": float(sum_margin.mean()),
+        # The raw sum favours the shorter answer: this says how often the chosen one is the longer.
+        "chosen_longer": float((tok_j > tok_k).mean()),
+    }
+
+
+def _accuracy(margins: np.ndarray) -> float:
+    return float(((margins > 0) + 0.5 * (margins == 0)).mean())
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # chunks keep memory flat for large splits
+        stop = min(start + 256, n_boot)
+        means[start:stop] = values[rng.integers(0, len(values), size=(stop - start, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))

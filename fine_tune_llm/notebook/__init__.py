@@ -1,0 +1,1 @@
+"""What the notebooks show (masked rows, tables) and the paths they use."""

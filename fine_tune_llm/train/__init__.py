@@ -1,0 +1,1 @@
+"""Training: the SFT job, the preference stage, the TRL trainers with our guards, checkpoints, metrics export."""

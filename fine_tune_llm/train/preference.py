@@ -1,0 +1,170 @@
+"""The preference stage: continue an SFT run's adapter on (chosen, rejected) pairs with TRL's DPOTrainer.
+
+    train_preference(cfg)              cfg from stages.preference_config(SFT_RUN, ...)
+      the SFT run's saved split        no test question is trained on by either stage
+      encode_pairs                     the SFT template, masks, one <bos>, control strings stripped
+      4-bit base + the SFT adapter     trainable, under PEFT's name "default"
+      GuardedDPOTrainer                TRL copies "default" into a frozen "ref" adapter: the reference policy is the
+                                       SFT model, with no second model in memory; its log-probs are computed once,
+                                       before training (precompute_ref_log_probs), not at every step
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ..config import TrainConfig
+from ..data.chat_template import build_messages, encode_batch
+from ..data.rows import check_pairs
+from ..errors import DataError
+from ..model.hardware import check_environment, resolved
+from ..model.loading import load_model, load_tokenizer, prepare_for_training, restore_trainable_dtype
+from ..run import RunDir
+from . import checkpoints
+from .lineage import parent_of, record_parent
+from .memory_estimate import refuse_if_too_big
+from .progress import use_compact_progress
+from .sft import TrainResult, finish, is_main_process, lora_inputs_uncast
+from .trainers import GuardedDPOTrainer, StopOnSigint, default_callbacks
+
+log = logging.getLogger(__name__)
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]  # supplied by the data for SimPO only
+
+
+def encode_pairs(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: str = "pairs"):
+    """prompt_ids / chosen_ids / rejected_ids, split where SFT's answer mask starts: the same tokens SFT trained
+    on. Pairs where either answer would be cut at max_length are dropped (a truncated answer would be judged
+    without its end), and counted in the log."""
+    from datasets import Dataset
+
+    prompts = [build_messages(r["question"], cfg.system_prompt) for r in rows]
+    chosen = encode_batch(tokenizer, prompts, [r["answer"] for r in rows], cfg.max_length)
+    rejected = encode_batch(tokenizer, prompts, [r["rejected"] for r in rows], cfg.max_length)
+    out: dict[str, list] = {"row": [], **{c: [] for c in PAIR_COLUMNS}}
+    for row, c_ids, c_mask, c_ok, r_ids, r_mask, r_ok in zip(
+            rows, chosen["input_ids"], chosen["completion_mask"], chosen["status"], rejected["input_ids"],
+            rejected["completion_mask"], rejected["status"]):
+        if c_ok != "ok" or r_ok != "ok":
+            continue
+        start = c_mask.index(1)
+        out["row"].append(row["row"])
+        out["prompt_ids"].append(c_ids[:start])
+        out["chosen_ids"].append(c_ids[start:])
+        out["rejected_ids"].append(r_ids[r_mask.index(1):])
+    if len(out["row"]) < len(rows):
+        log.warning("%s: dropped %d pair(s) whose prompt and answer do not fit max_length=%d", name,
+                    len(rows) - len(out["row"]), cfg.max_length)
+    return Dataset.from_dict(out)
+
+
+def simpo_offsets(pairs, cfg: TrainConfig):
+    """SimPO through DPOTrainer's length-normalized sigmoid loss ("sigmoid_norm", which divides each answer's
+    log-ratio by its token count): with reference log-probs 0 for the chosen answer and -(gamma/beta) x length
+    for the rejected one, its loss is exactly SimPO's -log sigmoid(beta/|c| log p(c) - beta/|r| log p(r) - gamma).
+    No reference model is run at all."""
+    offset = cfg.simpo_gamma / cfg.beta
+    return pairs.add_column("ref_chosen_logps", [0.0] * len(pairs)).add_column(
+        "ref_rejected_logps", [-offset * len(r) for r in pairs["rejected_ids"]])
+
+
+def dpo_config(cfg: TrainConfig, run: RunDir):
+    import torch
+    from trl import DPOConfig
+
+    from ..model.hardware import precision
+
+    cuda = torch.cuda.is_available()
+    p = precision(cfg)
+    return DPOConfig(
+        output_dir=str(run.path), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm, optim=cfg.optim if cuda or "paged" not in cfg.optim else "adamw_torch",
+        bf16=p.bf16, fp16=p.fp16, use_cpu=not cuda, activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
+        loss_type=["sigmoid_norm" if cfg.loss_type == "simpo" else cfg.loss_type], beta=cfg.beta, max_length=None,
+        precompute_ref_log_probs=True,
+        dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False,
+    )
+
+
+def load_policy(cfg: TrainConfig, sft: RunDir):
+    """The 4-bit base prepared as SFT prepared it, with the SFT adapter trainable under PEFT's "default" name."""
+    from peft import PeftModel
+
+    from ..model.loading import guard_cpu_4bit
+
+    model = prepare_for_training(load_model(cfg), cfg)
+    # autocast_adapter_dtype=False: keep the adapter in the dtype SFT trained it in (peft#2421)
+    model = PeftModel.from_pretrained(model, str(sft.adapter_dir), is_trainable=True, autocast_adapter_dtype=False)
+    guard_cpu_4bit(model)
+    return model
+
+
+def prepare_pairs(cfg: TrainConfig, run: RunDir, tokenizer) -> dict[str, Any]:
+    """The SFT run's train and validation rows (its saved split), checked as pairs and tokenized."""
+    splits = run.load_splits()
+    for name in ("train", "validation"):
+        check_pairs(splits[name], cfg.dataset)
+    data = {name: encode_pairs(splits[name], tokenizer, cfg, name) for name in ("train", "validation")}
+    if cfg.loss_type == "simpo":
+        data = {name: simpo_offsets(ds, cfg) for name, ds in data.items()}
+    if len(data["train"]) == 0:
+        raise DataError(f"{cfg.dataset}: no training pairs fit max_length={cfg.max_length}")
+    return data
+
+
+def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> TrainResult:
+    """Run the dpo stage; resume=None resumes automatically when the run directory has a good checkpoint."""
+    from transformers import set_seed
+
+    check_environment(cfg)
+    cfg = resolved(cfg)
+    refuse_if_too_big(cfg)
+    run, sft = RunDir.of(cfg.output_dir), RunDir.of(cfg.sft_run)
+    if run.parent_file.is_file():
+        parent_of(run)  # refuses an SFT run whose adapter changed since this stage started from it
+    elif is_main_process():
+        record_parent(run, sft)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_pairs(cfg, run, tokenizer)
+    checkpoint = checkpoints.resume_point(run, resume, cfg)
+    if is_main_process():
+        from ..manifest import write_manifest
+
+        run.write_config(cfg)
+        write_manifest(cfg, run, resumed_from=checkpoint, sft_run=str(sft.path))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir)  # read by transformers 5's TB callback
+    model = load_policy(cfg, sft)
+    t0 = time.time()
+    args = dpo_config(cfg, run)
+    if not len(data["validation"]):
+        args.eval_strategy = "no"  # val_fraction 0: nothing to evaluate on
+    with StopOnSigint() as sigint:
+        trainer = GuardedDPOTrainer(
+            model=model, ref_model=None, args=args, train_dataset=_columns(data["train"]),
+            eval_dataset=_columns(data["validation"]) if len(data["validation"]) else None, processing_class=tokenizer,
+            callbacks=[*default_callbacks(), sigint.callback()])
+        use_compact_progress(trainer)
+        restore_trainable_dtype(trainer.model, cfg)  # DPOTrainer casts QLoRA adapters to bf16 as SFTTrainer does
+        log.info("reference log-probs of %d pairs computed in %.0f s", len(data["train"]), time.time() - t0)
+        with lora_inputs_uncast(model, cfg):  # training steps only: the reference pass above may run without autocast
+            trainer.train(resume_from_checkpoint=checkpoint)
+    return finish(cfg, trainer, tokenizer, run, interrupted=sigint.requested)
+
+
+def _columns(pairs):
+    return pairs.select_columns([c for c in PAIR_COLUMNS + REF_COLUMNS if c in pairs.column_names])
+
+
+__all__ = ["encode_pairs", "load_policy", "prepare_pairs", "train_preference"]
+
+
