@@ -6,7 +6,7 @@ weights) is built once into the cache, with the real tokenizer and data from ../
   grads      4-bit LoRA gradients against the same LoRA on the dequantized weights in plain bf16;
   rows       naive / trl-default / ours QLoRA rows of benchmarks/train_throughput.py (what each row means is
              written there): trained tokens/s, peak VRAM, and for `ours` the memory estimate beside it;
-  bf16, fp16 one optimizer step each of the training path (training.train) in that dtype: finite loss, and
+  bf16, fp16 one optimizer step each of the training path (train.sft.train) in that dtype: finite loss, and
              the LoRA weights in the dtype the GradScaler needs;
   fsdp       a few steps under configs/accelerate/fsdp_qlora.yaml with one process;
   ddp        one step of 2-rank DDP (configs/accelerate/multi_gpu_ddp.yaml) where two GPUs are present.
@@ -219,7 +219,7 @@ def check_rows(ctx, a) -> dict:
 
 
 def check_one_step(ctx, dtype: str) -> dict:
-    """One optimizer step of training.train in `dtype`; the LoRA weights must be fp32 unless bf16."""
+    """One optimizer step of train.sft.train in `dtype`; the LoRA weights must be fp32 unless bf16."""
     from fine_tune_llm.train.sft import train
 
     with tempfile.TemporaryDirectory(prefix=f"gpu-check-{dtype}-") as tmp:

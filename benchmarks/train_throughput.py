@@ -236,7 +236,7 @@ def common_args(a, run_dir: str) -> dict:
 
 def load_base(model_dir: Path, dtype: torch.dtype, quantization: str, **kwargs):
     """The frozen base model as `ours` has it: 4-bit NF4 with `dtype` compute, quantized as the project does
-    (modeling.quantization_config), or plain `dtype` weights when ours does not quantize."""
+    (model.loading.quantization_config), or plain `dtype` weights when ours does not quantize."""
     from transformers import AutoModelForCausalLM
 
     from fine_tune_llm.config import make_config

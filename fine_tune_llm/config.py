@@ -93,7 +93,7 @@ class TrainConfig:
     max_steps: int = option(-1, help=(
         "-1 = run the epochs; a positive number caps steps (tests, demos, benchmarks)."))
     batch_size: int = option(4, help=(
-        "4 x 4 = 16 sequences per optimizer step fits a T4's 16 GB with gradient checkpointing."))
+        "4 x 4 = 16 sequences per optimizer step fits a T4's 16 GiB with gradient checkpointing."))
     grad_accum: int = option(4, help=(
         "Accumulate to 16 sequences per update without the memory of batch 16."))
     warmup_ratio: float = option(0.03, help=(
@@ -111,7 +111,7 @@ class TrainConfig:
         "only), where bf16 is only emulated and far slower than fp32 (docs/results.md, \"CPUs without native "
         "bf16\")."))
     gradient_checkpointing: bool = option(True, help=(
-        "Trades recomputation for activation memory; needed for batch 4 x 512 on a 16 GB GPU."))
+        "Trades recomputation for activation memory; needed for batch 4 x 512 on a 16 GiB GPU."))
     padding_free: bool = option(True, help=(
         "Concatenate examples without padding (position ids keep them apart): no compute spent on "
         "padding."))

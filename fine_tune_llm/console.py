@@ -25,7 +25,7 @@ def in_notebook() -> bool:
 def progress(iterable: Any = None, total: int | None = None, desc: str = "", unit: str = "it",
              disable: bool = False, leave: bool = True, initial: int = 0):
     """tqdm in a terminal or a notebook; a line per tenth of the work when the output goes to a file or a pipe,
-    so a log shows `scoring: 40% (8/20 batch, 3 s)` instead of runs of carriage returns."""
+    so a log shows `scoring: 40% (8/20 batch, ...)` instead of runs of carriage returns."""
     if in_notebook():
         from tqdm.auto import tqdm
     elif sys.stderr.isatty():

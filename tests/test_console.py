@@ -73,7 +73,7 @@ def test_the_demo_is_quiet_and_leaves_the_checkout_clean():
 
     before = status()
     out = subprocess.run([sys.executable, "-m", "fine_tune_llm", "demo"], cwd=REPO, env=env(), capture_output=True,
-                         text=True, timeout=900)
+                         check=False, text=True, timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert status() == before, "the demo changed files git sees"

@@ -52,4 +52,6 @@ def summary(report: dict) -> str:
                      + "".join(f"{str(lengths[n]['ended_turn']) + '/' + str(lengths[n]['answers']):>16s}"
                                for n in names))
     lines.append(f"  report: {report['run_dir']}/report.md")
+    if report.get("plot"):
+        lines.append(f"  plot:   {report['plot']}")
     return "\n".join(lines)

@@ -173,6 +173,7 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
                  progress: bool = True, quantized: bool = False) -> dict[str, Any]:
     """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row."""
     from .report import append_runs_csv, build_report, write_report
+    from .report_plot import plot_report
 
     t0 = time.time()
     run = RunDir.of(run_dir)
@@ -196,6 +197,7 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
                           length_summary(generations, columns.names), time.time() - t0)
     write_report(run, report)
     append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
+    report["plot"] = str(plot_report(report, cfg.imgs_dir))
     return report
 
 

@@ -83,11 +83,11 @@ def _resolve_cpu(requested: str) -> Precision:
         if native:
             return Precision("bfloat16", "cpu", "auto: this CPU has native bf16 (avx512_bf16/AMX)")
         return Precision("float32", "cpu", "auto: this CPU has no native bf16 (no avx512_bf16 nor AMX), bf16 "
-                                           "would be emulated ~30x slower than fp32")
+                                           "would be emulated, many times slower than fp32")
     warning = None
     if requested == "bfloat16" and not native:
         warning = ("--dtype bfloat16 on a CPU without avx512_bf16 or AMX: torch emulates bf16 and every matmul runs "
-                   "~30x slower than in float32; --dtype auto picks float32 here")
+                   "many times slower than in float32 (docs/results.md); --dtype auto picks float32 here")
         _warn_once(warning)
     return Precision(requested, "cpu", f"--dtype {requested}", warning)
 

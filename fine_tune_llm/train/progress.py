@@ -17,7 +17,6 @@ from transformers import ProgressCallback, TrainerCallback
 
 from .. import console
 
-
 # The preference stage's two numbers worth watching, as TRL logs them.
 PREFERENCE_LOGS = {"rewards/margins": "margin", "rewards/accuracies": "accuracy"}
 
