@@ -15,7 +15,8 @@ export POETRY_VIRTUALENVS_IN_PROJECT := true
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 # Dependency groups: main (the package: training, evaluation, notebooks), dev (pytest, ruff, notebook runners),
-# gguf (llama-cpp-python for `fine-tune-llm release gguf`; it compiles for ~6 minutes). Each group is installed
+# gguf (llama-cpp-python for `fine-tune-llm release gguf`; it compiles for minutes), eval (EleutherAI's
+# lm-evaluation-harness for `fine-tune-llm evaluate --tasks`). Each group is installed
 # once, then again only when pyproject.toml, poetry.lock or Poetry itself changed: a stamp file per group under
 # .venv/. With the stamps fresh, demo/test/lint run without Poetry and without the network.
 # `make install` installs main plus GROUPS (e.g. `make install GROUPS=dev,gguf`).
@@ -24,7 +25,7 @@ STAMP := $(VENV)/.installed
 comma := ,
 group_stamps = $(STAMP)-main $(foreach g,$(subst $(comma), ,$(1)),$(STAMP)-$(g))
 
-.PHONY: install install-dev install-gguf demo test test-fast lint lock clean
+.PHONY: install install-dev install-gguf install-eval demo test test-fast lint lock clean
 # One Poetry at a time: the group installs share one virtualenv.
 .NOTPARALLEL:
 
@@ -47,16 +48,18 @@ install-dev: $(call group_stamps,dev)
 
 install-gguf: $(call group_stamps,gguf)
 
+install-eval: $(call group_stamps,eval)
+
 demo: $(STAMP)-main
 	$(VENV)/bin/fine-tune-llm demo
 
 # CI (.ci/run) runs exactly `make test`: lint first (seconds), then the whole suite.
 # PYTEST_ARGS narrows it while developing, e.g. `make test PYTEST_ARGS=tests/test_lock.py`.
 PYTEST_ARGS ?=
-test: lint $(call group_stamps,dev gguf)
+test: lint $(call group_stamps,dev gguf eval)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-fast: lint $(call group_stamps,dev gguf)
+test-fast: lint $(call group_stamps,dev gguf eval)
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)-dev

@@ -11,7 +11,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> the module that owns it. The notebooks import only these, so moving a module never touches them.
+# name -> the module that owns it ("module:attribute" where the public name differs: `train` is also the name of a
+# subpackage, so the SFT job is `train_sft`, beside `train_preference`). The notebooks import only these names, so
+# moving a module never touches them.
 _OWNERS = {
     "TrainConfig": "config", "PRESETS": "config", "make_config": "config",
     "RunDir": "run",
@@ -20,7 +22,7 @@ _OWNERS = {
     "check_environment": "model.hardware",
     "generate_answers": "model.generation", "generation_config": "model.generation",
     "EXAMPLE_QUESTIONS": "model.generation",
-    "prepare_data": "train.sft", "train": "train.sft", "TrainResult": "train.sft",
+    "prepare_data": "train.sft", "train_sft": "train.sft:train", "TrainResult": "train.sft",
     "preference_config": "train.lineage", "train_preference": "train.preference",
     "export_run": "train.tensorboard_export",
     "evaluate_run": "eval.evaluate", "load_for_eval": "eval.evaluate",
@@ -34,8 +36,8 @@ __all__ = ["EXAMPLE_QUESTIONS", "PRESETS", "RunDir", "TrainConfig", "TrainResult
            "build_messages", "check_environment", "check_folder", "evaluate_run", "export_gguf",
            "export_run", "generate_answers", "generation_config", "interactive", "load_for_eval",
            "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config",
-           "prepare_data", "push_folder", "release_adapter", "render_prompt", "repo_path", "show", "train",
-           "train_preference"]
+           "prepare_data", "push_folder", "release_adapter", "render_prompt", "repo_path", "show", "train_preference",
+           "train_sft"]
 
 
 def __getattr__(name: str) -> Any:
@@ -43,4 +45,5 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{_MODULES[name]}", __name__)
     if name not in _OWNERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_OWNERS[name]}", __name__), name)
+    module, _, attribute = _OWNERS[name].partition(":")
+    return getattr(importlib.import_module(f".{module}", __name__), attribute or name)

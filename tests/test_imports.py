@@ -177,3 +177,19 @@ def test_the_notebooks_import_only_the_public_surface():
                 assert not missing, f"{notebook.name} imports {missing}, which __all__ does not export"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("fine_tune_llm") for a in node.names), notebook.name
+
+
+def test_no_public_name_is_shadowed_by_a_subpackage():
+    """Importing fine_tune_llm.train sets the package attribute `train` to that subpackage, so a public function of
+    the same name would silently become a module once anything imported it: no exported name may be a folder."""
+    import importlib
+    import types
+
+    import fine_tune_llm
+
+    for name in modules():
+        if not name.endswith("__main__"):  # running it is the CLI
+            importlib.import_module(name)
+    for name in fine_tune_llm.__all__:
+        value = getattr(fine_tune_llm, name)
+        assert (name in fine_tune_llm._MODULES) == isinstance(value, types.ModuleType), name

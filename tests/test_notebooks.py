@@ -96,17 +96,17 @@ def test_fine_tuning_notebook_writes_a_run(fine_tuned):
     assert (tmp / "metrics" / f"eval_loss_{RUN_NAME}.csv").is_file()
     scores = json.loads((run / "report.json").read_text())["metrics"]
     assert scores["tuned"]["perplexity"] < 0.8 * scores["base"]["perplexity"]
-    assert "| metric | base | SFT |" in outputs_text(cell_after(nb, "report = evaluation.evaluate_run("))
+    assert "| metric | base | SFT |" in outputs_text(cell_after(nb, "report = evaluate_run("))
     assert not list((REPO / "metrics").glob(f"*_{RUN_NAME}.csv")), "wrote into the repository's metrics/"
 
     masked = cell_after(nb, "show.masked_view(")
     html = "".join(o["data"].get("text/html", "") for o in masked.outputs if "data" in o)
     assert "trained tokens" in html and "&lt;end_of_turn&gt;" in html
     assert "headless run" in outputs_text(cell_after(nb, "%tensorboard"))
-    assert "4-bit NF4" in outputs_text(cell_after(nb, "model = modeling.load_model(cfg)"))
-    assert "r=8, alpha=16" in outputs_text(cell_after(nb, "model = modeling.add_lora(model, cfg)"))
+    assert "4-bit NF4" in outputs_text(cell_after(nb, "model = load_model(cfg)"))
+    assert "r=8, alpha=16" in outputs_text(cell_after(nb, "model = add_lora(model, cfg)"))
     assert "first train loss" in outputs_text(cell_after(nb, "show.training_summary(result)"))
-    pushed = outputs_text(cell_after(nb, "release.push_folder("))  # PUSH_TO_HUB=False: a dry run, nothing sent
+    pushed = outputs_text(cell_after(nb, "push_folder("))  # PUSH_TO_HUB=False: a dry run, nothing sent
     assert "dry run" in pushed and "adapter_model.safetensors" in pushed
     assert (run / "release" / "adapter" / "README.md").is_file()
     dpo = json.loads((tmp / f"{RUN_NAME}-dpo" / "report.json").read_text())  # PREFERENCE_STAGE="dpo"
