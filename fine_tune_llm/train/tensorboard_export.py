@@ -123,6 +123,8 @@ def plot_run(run: RunDir | str | Path, imgs_dir: str | Path = "imgs",
     if "train/loss" not in scalars:
         return None
     base_model = run.read_config().base_model if run.exists() else ""
+    if base_model and Path(base_model).expanduser().exists():  # a local file or folder: its name, not the path
+        base_model = Path(base_model).name
     fig = loss_figure(scalars, f"{run.name}  (base model: {base_model})" if base_model else run.name)
     Path(imgs_dir).mkdir(parents=True, exist_ok=True)
     out = Path(imgs_dir) / f"loss_{run.name}.png"
