@@ -84,11 +84,11 @@ def _acquire(run: RunDir, what: str, create: bool) -> int | None:
         os.close(fd)
         raise RunInUse(in_use_message(run, who)) from None
     except OSError as exc:  # a filesystem without flock (some network mounts): run, but say what is unguarded
+        os.close(fd)
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         log.warning("cannot lock %s (%s): a second process writing this run directory would not be stopped",
                     run.lock_file, exc.strerror)
-        os.close(fd)
         return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me(what)) + "\n").encode(), 0)
