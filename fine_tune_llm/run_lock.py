@@ -5,8 +5,8 @@ The lock is the operating system's (fcntl.flock on RUN/.lock), so a process that
 it at once: a stale lock never blocks. The holder writes who it is (host, pid, command, what it does, since when)
 into the file, and a second writer stops before any heavy work with one message naming it.
 
-While held, RUN/.lock names the holder; it is emptied on release (a reader can tell a live hold by
-its content; a process killed outright leaves its record, and the next holder overwrites it).
+While held, RUN/.lock names the holder, and a clean release empties it; a process killed outright leaves its
+record behind (so the content alone proves no live hold), and the next holder overwrites it.
 
 Under `accelerate launch` the main process (rank 0) holds the lock for the whole job and the other ranks take
 none: they write into the run directory only after the Trainer's process group has formed, which needs rank 0,
