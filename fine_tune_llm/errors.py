@@ -49,3 +49,15 @@ class TrainingDiverged(FineTuneError):
 
 class ReleaseCheckFailed(FineTuneError):
     pass
+
+
+class RunInUse(FineTuneError):
+    """Another process writes this run directory now (run_lock.py)."""
+
+
+class DiskFull(FineTuneError):
+    """A save did not fit (or would not: checked first); nothing half-written was left behind."""
+
+
+class DamagedFile(FineTuneError):
+    """A file a stage needs is cut short or garbled; the message says which stage writes it again."""

@@ -8,6 +8,8 @@
     RUN/sft_run.json         (a preference stage) the SFT run it continued and that run's adapter hash
     RUN/trace/               per-rank row traces (debugging data sharding; off by default)
     RUN/metrics/, RUN/imgs/  the run's own exported curves and plot (the demo's: the checkout stays clean)
+    RUN/.lock                who writes the run now (run_lock.py: one writer per run directory)
+    RUN/.adapter.partial/    the adapter being saved; it replaces adapter/ only once whole
 
 Every stage takes a RunDir (or a path it turns into one); no other module spells these names.
 """
@@ -16,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import TrainConfig, field_names
+from .config import TrainConfig, field_names, read_yaml_mapping
 from .data import splits as saved_splits
-from .errors import ConfigError
+from .errors import ConfigError, DamagedFile
 from .files import read_json, write_atomic
 
 CONFIG_FILE = "config.yaml"
@@ -33,10 +36,20 @@ ADAPTER_CONFIG_FILE = "training_config.yaml"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def read_config_file(path: str | Path) -> TrainConfig:
+def read_config_file(path: str | Path, hint: str = "") -> TrainConfig:
     """A TrainConfig from a YAML file a run wrote; options this version no longer has are ignored."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
+    values = read_config_values(path, hint)
     return TrainConfig(**{k: v for k, v in values.items() if k in field_names()})
+
+
+def read_config_values(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """The raw values of a config file a run wrote; a garbled one is named, with what to do (`hint`)."""
+    try:
+        return read_yaml_mapping(path)
+    except ConfigError as exc:
+        if not Path(path).is_file():
+            raise
+        raise DamagedFile(f"{exc}: the file is garbled or cut short. {hint}".rstrip()) from None
 
 
 def write_config_file(path: str | Path, cfg: TrainConfig, drop: tuple[str, ...] = ()) -> Path:
@@ -79,6 +92,14 @@ class RunDir:
     @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def adapter_staging_dir(self) -> Path:
+        return self.path / ".adapter.partial"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
 
     @property
     def trainer_state_file(self) -> Path:
@@ -124,6 +145,14 @@ class RunDir:
         return [p for _, p in sorted(found, reverse=True)]
 
     # --- state ----------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Remove everything in the run directory but its lock file (whose holder is the caller: run_lock.py)."""
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry != self.lock_file:
+                entry.unlink()
+
     def exists(self) -> bool:
         return self.config_file.is_file()
 
@@ -132,11 +161,17 @@ class RunDir:
         if not self.exists():
             raise ConfigError(f"no {CONFIG_FILE} in {self.path}: is it a run directory made by "
                               f"`fine-tune-llm train`?")
-        return read_config_file(self.config_file)
+        return read_config_file(self.config_file, self._config_hint())
 
     def read_config_values(self) -> dict[str, Any]:
         """The raw values of config.yaml (checkpoint resumption compares them with the new config)."""
-        return (yaml.safe_load(self.config_file.read_text()) or {}) if self.exists() else {}
+        return read_config_values(self.config_file, self._config_hint()) if self.exists() else {}
+
+    def _config_hint(self) -> str:
+        copy = self.adapter_dir / ADAPTER_CONFIG_FILE
+        if copy.is_file():
+            return f"The adapter keeps a copy of it: `cp {copy} {self.config_file}`."
+        return "Training writes it: train this run again with --no-resume, or choose another --output-dir."
 
     def write_config(self, cfg: TrainConfig) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +185,18 @@ class RunDir:
         if not self.splits_file.is_file():
             raise ConfigError(f"no {self.splits_file.name} in {self.path}: the run predates saved splits or did "
                               f"not finish preparing its data; train it again to evaluate or release it")
-        return saved_splits.load(self.splits_file)
+        return saved_splits.load(self.splits_file, hint=self.rebuild_hint())
+
+    def adapter_hint(self) -> str:
+        """What to do when the adapter is damaged: the training that wrote it saves it again."""
+        return (f"Training writes it: run `fine-tune-llm train --config {self.config_file}` again; it resumes from "
+                f"the run's last complete checkpoint and saves the adapter anew.")
+
+    def rebuild_hint(self) -> str:
+        """What to do when a file training wrote is damaged: train the run again (the split and checkpoints with
+        it), which rewrites every file of the run."""
+        return (f"Training writes it: train the run again from the start (`fine-tune-llm train --config "
+                f"{self.config_file} --no-resume`), or train into another --output-dir.")
 
     def split_counts(self) -> dict[str, int] | None:
         return saved_splits.counts(self.splits_file)

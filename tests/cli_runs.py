@@ -28,14 +28,17 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def start(args: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+def start(args: list[str], log: Path, command: tuple[str, ...] = ("fine_tune_llm", "train"),
+          **extra_env: str) -> subprocess.Popen:
+    """`python -m fine_tune_llm train ARGS` (or another module and its arguments), logging to `log`."""
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "fine_tune_llm", "train", *args], stdout=fh,
+        return subprocess.Popen([sys.executable, "-m", *command, *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env(**extra_env), cwd=REPO)
 
 
-def run(args: list[str], log: Path, timeout: float = 600, **extra_env: str) -> int:
-    proc = start(args, log, **extra_env)
+def run(args: list[str], log: Path, timeout: float = 600, command: tuple[str, ...] = ("fine_tune_llm", "train"),
+        **extra_env: str) -> int:
+    proc = start(args, log, command, **extra_env)
     try:
         return proc.wait(timeout=timeout)
     finally:

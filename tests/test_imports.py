@@ -83,7 +83,7 @@ LAYERS = [
     {"fine_tune_llm.errors", "fine_tune_llm.files", "fine_tune_llm.config", "fine_tune_llm.console"},
     {"fine_tune_llm.data"},
     {"fine_tune_llm.model"},
-    {"fine_tune_llm.run", "fine_tune_llm.manifest"},
+    {"fine_tune_llm.run", "fine_tune_llm.run_lock", "fine_tune_llm.manifest"},
     {"fine_tune_llm.train"},
     {"fine_tune_llm.eval"},
     {"fine_tune_llm.release"},
@@ -104,7 +104,8 @@ def layer_of(module: str) -> int:
 
 def test_the_package_is_folders_by_stage_with_few_top_level_modules():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "__main__", "config", "console", "errors", "files", "manifest", "run"], top
+    assert top == ["__init__", "__main__", "config", "console", "errors", "files", "manifest", "run",
+                   "run_lock"], top
     stages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
     assert {"data", "model", "train", "eval", "release", "cli"} <= set(stages), stages
 

@@ -1,4 +1,5 @@
-"""Crash and resume: complete-or-ignored checkpoints, SIGKILL then resume, Ctrl-C, a diverging loss."""
+"""Crash and resume: complete-or-ignored checkpoints, SIGKILL then resume, Ctrl-C, a diverging loss, a second
+training of the same run, a full disk while saving."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import json
 import math
 import re
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from cli_runs import adapter, losses, run, run_args, start, wait_for
+from cli_runs import REPO, adapter, env, losses, run, run_args, start, wait_for
 
 from fine_tune_llm.config import make_config
 from fine_tune_llm.errors import ConfigError
@@ -105,6 +110,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
     assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    # It held the run's lock; killed outright, it left its record but not its lock: the resume below proceeds.
+    assert json.loads(RunDir.of(crash).lock_file.read_text())["pid"] == victim.pid
     assert sorted(p.name for p in crash.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     # Also die mid-save: checkpoint-4 as a kill inside the Trainer's save leaves it (a file cut short, no marker).
@@ -143,6 +150,84 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     kept = sorted(crash.glob("checkpoint-*"), key=checkpoints.step_of)
     assert [p.name for p in kept] == ["checkpoint-4", "checkpoint-6"]
     assert all(checkpoints.is_complete(p) for p in kept)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the small config, started in the background once for this module's slow tests."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = start(run_args(tmp, "ref"), tmp / "ref.log")
+    yield proc, tmp / "ref"
+    if proc.poll() is None:
+        proc.kill()
+
+
+def same_as_reference(run_dir: Path, reference) -> None:
+    """The run's logged losses and final adapter are those of the uninterrupted reference run."""
+    proc, ref = reference
+    assert proc.wait(timeout=600) == 0, (ref.parent / "ref.log").read_text()[-3000:]
+    want, got = losses(ref), losses(run_dir)
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), f"step {step}"
+    a, b = adapter(ref / "adapter"), adapter(run_dir / "adapter")
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=0, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_a_second_training_of_a_run_stops_at_once_and_the_first_is_undisturbed(tmp_path, reference):
+    """A notebook cell re-run while a terminal job trains, a re-queued cluster job: one writer per run directory."""
+    first = start(run_args(tmp_path, "run"), tmp_path / "first.log")
+    run_dir = tmp_path / "run"
+    wait_for(run_dir / "checkpoint-2" / checkpoints.MARKER, first)  # mid-run, with a checkpoint to resume from
+    t0 = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "fine_tune_llm", "train", *run_args(tmp_path, "run")],
+                            capture_output=True, text=True, timeout=300, check=False, env=env(), cwd=REPO)
+    assert second.returncode == 2 and time.monotonic() - t0 < 30, second.stderr[-3000:]
+    assert second.stderr.startswith(f"error: {run_dir} is in use: training by pid {first.pid} on "
+                                    f"{socket.gethostname()}, since "), second.stderr[-3000:]
+    assert "Traceback" not in second.stderr and "resuming" not in second.stderr
+    assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert len(list((run_dir / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert [h["step"] for h in json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h] == list(range(1, 7))
+    same_as_reference(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_stops_cleanly_and_a_rerun_resumes_to_the_same_adapter(tmp_path, reference):
+    run_dir, full_disk = tmp_path / "run", ("tests.full_disk_train",)
+    # 1. The disk fills while checkpoint-6 is written: that folder goes, checkpoint-4 is named.
+    assert run(["checkpoint-6/", *run_args(tmp_path, "run")], tmp_path / "1.log", command=full_disk) == 2
+    out = (tmp_path / "1.log").read_text()
+    assert re.search(rf"error: no space left on the disk holding {run_dir}: saving checkpoint-6 needs at least "
+                     rf"[\d.]+ KB, [\d.]+ [KMGT]B free. What was written of checkpoint-6 was removed; the last complete "
+                     rf"checkpoint is {run_dir}/checkpoint-4: free some space and run the same command again, it "
+                     rf"resumes from there.\n", out), out[-3000:]
+    assert "Traceback" not in out
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (run_dir / "adapter").exists()
+
+    # 2. checkpoint-4 is damaged meanwhile (a file cut short): the re-run falls back to checkpoint-2, trains to the
+    # end, and the disk fills again while the adapter is saved: no adapter folder, checkpoint-6 named.
+    with open(run_dir / "checkpoint-4" / "optimizer.pt", "r+b") as fh:
+        fh.truncate(1000)
+    assert run([".adapter.partial/", *run_args(tmp_path, "run")], tmp_path / "2.log", command=full_disk) == 2
+    out = (tmp_path / "2.log").read_text()
+    assert re.search(r"ignoring checkpoint \S+checkpoint-4: optimizer.pt has 1000 bytes, expected \d+", out)
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed_from"] == str(run_dir / "checkpoint-2")
+    assert re.search(rf"error: no space left on the disk holding {run_dir}: saving the adapter needs at least .*"
+                     rf"What was written of the adapter was removed; the last complete checkpoint is "
+                     rf"{run_dir}/checkpoint-6: free some space", out), out[-3000:]
+    assert not (run_dir / "adapter").exists() and not (run_dir / ".adapter.partial").exists()
+    assert checkpoints.is_complete(run_dir / "checkpoint-6")
+
+    # 3. Space freed: the same command resumes from checkpoint-6, trains no further, and saves the adapter.
+    assert run(run_args(tmp_path, "run"), tmp_path / "3.log") == 0, (tmp_path / "3.log").read_text()[-3000:]
+    assert "trained 6 steps" in (tmp_path / "3.log").read_text()
+    same_as_reference(run_dir, reference)
 
 
 def _scalars(events_file: Path, tag: str):

@@ -56,14 +56,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(dry_run(cfg).summary(visible_gpu_bytes()))
         return 0
-    if cfg.stage == "dpo":
-        from ..train.preference import train_preference as train
-    else:
-        from ..train.sft import train
-    from ..train.sft import is_main_process
+    from ..run_lock import hold, is_main_process
 
     t0 = time.time()
-    result = train(cfg, resume=args.resume)
+    # Held before TRL is imported, so a second writer of this run directory stops in seconds; train() holds it too.
+    with hold(cfg.output_dir, "preference training" if cfg.stage == "dpo" else "training"):
+        if cfg.stage == "dpo":
+            from ..train.preference import train_preference as train
+        else:
+            from ..train.sft import train
+        result = train(cfg, resume=args.resume)
     if is_main_process():  # under `accelerate launch`, one report, not one per process
         print(training_summary(result, time.time() - t0))
     return 130 if result.interrupted else 0
@@ -79,17 +81,22 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole job offline on CPU: tiny Gemma, 4-bit + LoRA, the shipped sample; train, export, evaluate."""
-    import shutil
-
-    from ..eval.evaluate import evaluate_run
     from ..run import RunDir
-    from ..train.sft import train
+    from ..run_lock import hold
 
     run = RunDir.of(args.output_dir)
     cfg = make_config("tiny", output_dir=args.output_dir, max_steps=args.max_steps,
                       metrics_dir=args.metrics_dir or str(run.metrics_dir), imgs_dir=args.imgs_dir or str(run.imgs_dir))
+    with hold(run, "demo"):  # emptied, trained and evaluated by this process alone
+        return _demo(run, cfg)
+
+
+def _demo(run, cfg: TrainConfig) -> int:
+    from ..eval.evaluate import evaluate_run
+    from ..train.sft import train
+
     if run.exists():  # the demo always starts fresh: an old run's event files would mix into its curves
-        shutil.rmtree(run.path)
+        run.clear()
     t0 = time.time()
     result = train(cfg, resume=False)
     print(training_summary(result, time.time() - t0))

@@ -20,11 +20,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Perplexity, preference margin and generations: base vs each tuned stage; writes report.json/.md."""
-    from ..eval.evaluate import evaluate_run
+    from ..run import RunDir
+    from ..run_lock import hold
 
-    report = evaluate_run(args.run_dir, split=args.split, batch_size=args.batch_size,
-                          n_generations=args.n_generations, max_new_tokens=args.max_new_tokens,
-                          metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized)
+    run = RunDir.of(args.run_dir)
+    run.read_config()  # a folder that is no run is named before anything loads
+    # Held before torch is imported, so a second writer of this run directory stops in a second or two.
+    with hold(run, "evaluation", create=False):
+        from ..eval.evaluate import evaluate_run
+
+        report = evaluate_run(run, split=args.split, batch_size=args.batch_size,
+                              n_generations=args.n_generations, max_new_tokens=args.max_new_tokens,
+                              metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized)
     print(summary(report))
     return 0
 

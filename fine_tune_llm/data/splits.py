@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..files import read_json, sha256_file, write_json
+from ..errors import DamagedFile, DataError
+from ..files import json_problem, read_json, sha256_file, write_json
 from .rows import load_examples, resolve_source
 
 FORMAT = 1
@@ -48,14 +48,12 @@ def save(path: str | Path, splits: Splits, source: str) -> Path:
     return write_json(path, membership(splits, source))
 
 
-def load(path: str | Path, source: str | None = None) -> Splits:
+def load(path: str | Path, source: str | None = None, hint: str = "") -> Splits:
     """The saved splits' rows, read back from the data file and checked against their hashes.
 
     Raises DataError naming the file and how many rows differ when the data changed since training: results on
-    such rows are not the run's held-out results."""
-    record = read_json(path)
-    if record is None or record.get("format") != FORMAT:
-        raise DataError(f"{path}: missing or unreadable split record (written by `fine-tune-llm train`)")
+    such rows are not the run's held-out results. A garbled record raises DamagedFile, with `hint` (what to do)."""
+    record = read_record(path, hint)
     source = source or record["source"]
     file = resolve_source(source)
     by_row = {ex["row"]: ex for ex in load_examples(file)}
@@ -74,6 +72,30 @@ def load(path: str | Path, source: str | None = None) -> Splits:
                         f"recorded in {path}). Results on it would not be the run's held-out results: restore "
                         f"the file the run trained on, or train a new run on this one.")
     return out
+
+
+def read_record(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """splits.json as written by `save`, every field checked, or DamagedFile naming the file and what is wrong."""
+    why = json_problem(path) if Path(path).is_file() else "it is missing"
+    record = read_json(path) if why is None else None
+    if record is not None:
+        why = _record_problem(record)
+    if why:
+        raise DamagedFile(f"{path}: the run's saved split cannot be read: {why}. {hint}".rstrip())
+    return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    if record.get("format") != FORMAT:
+        return f"format {record.get('format')!r}, expected {FORMAT}"
+    if not isinstance(record.get("source"), str) or not isinstance(record.get("splits"), dict):
+        return "no 'source' or 'splits' field"
+    for name, saved in record["splits"].items():
+        rows, hashes = (saved.get("rows"), saved.get("row_sha256")) if isinstance(saved, dict) else (None, None)
+        if not (isinstance(rows, list) and isinstance(hashes, list) and len(rows) == len(hashes)
+                and all(isinstance(n, int) for n in rows) and isinstance(saved.get("count"), int)):
+            return f"split {name!r} lacks matching 'rows', 'row_sha256' and 'count'"
+    return None
 
 
 def counts(path: str | Path) -> dict[str, int] | None:

@@ -21,8 +21,9 @@ from ..config import TrainConfig
 from ..errors import ConfigError, DataError
 from ..model.generation import generate_answers
 from ..model.hardware import check_environment
-from ..model.loading import guard_cpu_4bit, load_model, load_tokenizer
+from ..model.loading import check_adapter_folder, guard_cpu_4bit, load_model, load_tokenizer
 from ..run import RunDir
+from ..run_lock import hold
 from ..train.lineage import parent_of
 from .scoring import language_metrics, preference_metrics, score_answers
 
@@ -43,13 +44,16 @@ def load_for_eval(cfg: TrainConfig, adapter_dir: str | Path | None = None, dtype
     if adapter_dir is not None:
         from peft import PeftModel
 
-        adapter_dir = Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ConfigError(f"no adapter in {adapter_dir} (adapter_config.json missing): did training finish?")
+        adapter_dir = check_adapter_folder(adapter_dir, _adapter_hint(Path(adapter_dir)))
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     guard_cpu_4bit(model)
     model.eval()
     return model, tokenizer
+
+
+def _adapter_hint(adapter_dir: Path) -> str:
+    run = RunDir.of(adapter_dir.parent)
+    return run.adapter_hint() if run.exists() and run.adapter_dir == adapter_dir else ""
 
 
 def eval_rows(run: RunDir, split: str = "test") -> list[dict[str, Any]]:
@@ -119,8 +123,7 @@ def load_columns(run: RunDir, cfg: TrainConfig, quantized: bool = False) -> Colu
     sft = parent_of(run) if cfg.stage == "dpo" else None
     adapters = ([("sft", sft.adapter_dir)] if sft else []) + [("tuned", run.adapter_dir)]
     for _, folder in adapters:
-        if not (folder / "adapter_config.json").is_file():
-            raise ConfigError(f"no adapter in {folder} (adapter_config.json missing): did training finish?")
+        check_adapter_folder(folder, _adapter_hint(folder))
     base = load_model(dataclasses.replace(cfg, dtype=EVAL_DTYPE), quantize=quantized, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapters[0][1]), adapter_name=adapters[0][0], is_trainable=False)
     for name, folder in adapters[1:]:
@@ -178,26 +181,27 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
     t0 = time.time()
     run = RunDir.of(run_dir)
     cfg = run.read_config()
-    check_environment(cfg, purpose="evaluate")
-    rows = eval_rows(run, split)
-    columns = load_columns(run, cfg, quantized)
-    tokenizer = load_tokenizer(cfg)
-    metrics = {}
-    for name in columns.names:
-        with columns.use(name) as model:
-            metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name], seed=seed,
-                                        progress=progress)
-    questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
-    generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size, cfg.system_prompt,
-                                      seed, progress) if questions else {}
-    settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
-                "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE, "weights": columns.weights,
-                "quantized": quantized, "sampling": _sampling_settings(columns.model)}
-    report = build_report(run, cfg, settings, metrics, columns.labels, generations,
-                          length_summary(generations, columns.names), time.time() - t0)
-    write_report(run, report)
-    append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
-    report["plot"] = str(plot_report(report, cfg.imgs_dir))
+    with hold(run, "evaluation", create=False):  # it writes the run's report: one writer per run directory
+        check_environment(cfg, purpose="evaluate")
+        rows = eval_rows(run, split)
+        columns = load_columns(run, cfg, quantized)
+        tokenizer = load_tokenizer(cfg)
+        metrics = {}
+        for name in columns.names:
+            with columns.use(name) as model:
+                metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
+                                            seed=seed, progress=progress)
+        questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
+        generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size,
+                                          cfg.system_prompt, seed, progress) if questions else {}
+        settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
+                    "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
+                    "weights": columns.weights, "quantized": quantized, "sampling": _sampling_settings(columns.model)}
+        report = build_report(run, cfg, settings, metrics, columns.labels, generations,
+                              length_summary(generations, columns.names), time.time() - t0)
+        write_report(run, report)
+        append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
+        report["plot"] = str(plot_report(report, cfg.imgs_dir))
     return report
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..files import write_atomic
+from ..files import locked_append, write_atomic
 from ..manifest import git_state, hardware, library_versions
 from ..run import RunDir
 
@@ -173,17 +173,13 @@ def runs_row(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def append_runs_csv(path: Path, report: dict[str, Any]) -> Path:
-    """One row per evaluation, so runs compare over time. An existing file keeps its own columns."""
+    """One row per evaluation, so runs compare over time. An existing file keeps its own columns. Runs evaluated
+    at the same moment share the file: each append holds a lock on it (files.locked_append), so rows never mix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = RUNS_COLUMNS
-    if path.is_file() and path.stat().st_size:
-        with open(path, newline="") as fh:
-            columns = next(csv.reader(fh), RUNS_COLUMNS)
-    new = not path.is_file() or not path.stat().st_size
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        if new:
+    with locked_append(path) as (header, rows):
+        columns = next(csv.reader([header])) if header.strip() else RUNS_COLUMNS
+        writer = csv.DictWriter(rows, fieldnames=columns, extrasaction="ignore")
+        if not header.strip():
             writer.writeheader()
         writer.writerow(runs_row(report))
     return path

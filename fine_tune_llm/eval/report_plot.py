@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..files import replaced
+
 COLORS = ["#9e9e9e", "#4c72b0", "#dd8452", "#55a868"]
 
 
@@ -71,8 +73,11 @@ def plot_report(report: dict[str, Any], imgs_dir: str | Path) -> Path:
     fig = report_figure(report)
     Path(imgs_dir).mkdir(parents=True, exist_ok=True)
     out = Path(imgs_dir) / f"report_{report['run']}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with replaced(out) as tmp:  # imgs/ is shared: a reader never sees half a picture
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DamagedFile
+from ..files import cache_root, json_problem, safetensors_problem
 from . import hardware
 from .hardware import OFFLINE_HINT, check_environment, device_map, is_local  # noqa: F401 - re-exported
 
@@ -40,8 +42,6 @@ def gguf_as_safetensors(folder: Path, name: str) -> str:
     import hashlib
     import shutil
     import tempfile
-
-    from ..files import cache_root
 
     source = Path(folder).expanduser() / name
     if not source.is_file():
@@ -81,6 +81,61 @@ def _refuse_pickle(source: str, cfg: TrainConfig, kwargs: dict[str, Any]) -> Non
     if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
         raise ConfigError(f"{source} holds only pickled .bin weights, which can run code when loaded; convert "
                           f"them to safetensors or pass --allow-pickle true if you trust the source")
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_adapter_folder(folder: str | Path, hint: str) -> Path:
+    """Refuse an adapter folder with a file missing, cut short or garbled, naming the file and what to do (`hint`),
+    before any model loads (PEFT's own error names no file)."""
+    folder = Path(folder)
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file():
+            raise ConfigError(f"no adapter in {folder} ({name} missing): did training finish?")
+    for name, problem in zip(ADAPTER_FILES, (json_problem, safetensors_problem)):
+        why = problem(folder / name)
+        if why:
+            raise DamagedFile(f"{folder / name} cannot be read: {why}. {hint}".rstrip())
+    return folder
+
+
+def check_model_files(source: str) -> None:
+    """A local model folder's weights must be whole: a file cut short (a copy or download that did not finish) is
+    named here, where transformers would fail with a header error naming no file."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return
+    for weights in sorted(folder.glob("*.safetensors")):
+        why = safetensors_problem(weights)
+        if why:
+            built = folder.resolve().is_relative_to(cache_root().resolve())
+            todo = (f"This tool built it: delete {folder} and the next run builds it again." if built else
+                    "Copy or download the model again.")
+            raise DamagedFile(f"{weights} cannot be read: {why}. {todo}")
+
+
+def damaged_hub_file(source: str, exc: BaseException) -> DamagedFile | None:
+    """The cached Hub file behind a weights error that names no file (safetensors' "Error while deserializing
+    header"), or None when the error is another one."""
+    if "deserializing header" not in str(exc):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(source, "model.safetensors.index.json")
+        names = (sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if isinstance(index, str)
+                 else ["model.safetensors"])
+        for name in names:
+            cached = try_to_load_from_cache(source, name)
+            why = safetensors_problem(cached) if isinstance(cached, str) else None
+            if why:
+                return DamagedFile(f"{cached} ({source}'s {name} in the Hugging Face cache) cannot be read: {why}. "
+                                   f"Delete it and the file it links to ({Path(cached).resolve()}), then run again "
+                                   f"online: it is downloaded anew.")
+    except Exception:  # noqa: BLE001, S110 - no cache to search: the library's own error stands
+        pass
+    return None
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -123,11 +178,18 @@ def load_model(cfg: TrainConfig, quantize: bool = True, dtype: torch.dtype | Non
 
     source, kwargs = model_source(cfg)
     _refuse_pickle(source, cfg, kwargs)
+    check_model_files(source)
     qconfig = quantization_config(cfg) if quantize else None
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype or torch_dtype(cfg), quantization_config=qconfig, device_map=hardware.device_map(),
-        attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=None if ("gguf_file" in kwargs or cfg.allow_pickle) else True, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or torch_dtype(cfg), quantization_config=qconfig, device_map=hardware.device_map(),
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=None if ("gguf_file" in kwargs or cfg.allow_pickle) else True, **kwargs)
+    except Exception as exc:
+        damaged = damaged_hub_file(source, exc)
+        if damaged is None:
+            raise
+        raise damaged from None
     guard_cpu_4bit(model)
     return model
 

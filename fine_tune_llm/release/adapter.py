@@ -11,14 +11,17 @@ from pathlib import Path
 import yaml
 
 from ..errors import ReleaseCheckFailed
+from ..files import folder_bytes
 from ..model.generation import generation_config
 from ..run import ADAPTER_CONFIG_FILE
 from .checks import check_common, check_tokenizer
 from .common import (
     CheckResult,
     RunFiles,
+    checked_adapter,
     locate_run,
     public_config,
+    release_lock,
     save_tokenizer,
     staged,
     tokenizer_model_source,
@@ -33,8 +36,6 @@ def release_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = Non
                     dataset_id: str | None = None, tokenizer_model: str | Path | None = None,
                     base_model_id: str | None = None, overwrite: bool = False) -> Path:
     """Write the adapter release folder (default: RUN/release/adapter), check it, and return its path."""
-    from transformers import AutoTokenizer
-
     run = locate_run(run_or_adapter, base_model_id)
     require_license(run, license)
     for name in ADAPTER_FILES:
@@ -42,23 +43,30 @@ def release_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = Non
             raise ReleaseCheckFailed(f"{run.adapter_dir / name} is missing: did training finish and save the "
                                      f"adapter?")
     final = Path(out_dir) if out_dir else run.release_dir("adapter")
-    with staged(final, overwrite) as out:
-        for name in ADAPTER_FILES:
-            shutil.copyfile(run.adapter_dir / name, out / name)
-        _point_at_hub_base(out / "adapter_config.json", run)
-        tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-        save_tokenizer(tok, out, tokenizer_model_source(run.cfg, tokenizer_model))
-        # Rebuilt rather than copied: an older run's file may list <eos> alone and never stop at <end_of_turn>.
-        generation_config(tok, _saved_generation_config(run.adapter_dir)).save_pretrained(str(out))
-        (out / ADAPTER_CONFIG_FILE).write_text(yaml.safe_dump(public_config(run.cfg), sort_keys=False))
-        goal = "questions about emotional difficulties with empathy" if is_psychology(run.cfg) else \
-            "like its training data"
-        summary = (f"A LoRA adapter for [`{run.base_id}`]({_hub_url(run.base_id)}), trained with QLoRA "
-                   f"to answer {goal}. Load it on top of the base model with PEFT.")
-        write_card(out, "adapter", run, summary, license=license, dataset=dataset_id)
+    with release_lock(checked_adapter(run), "adapter"), \
+            staged(final, overwrite, need=folder_bytes(run.adapter_dir)) as out:
+        _write_release(out, run, license, dataset_id, tokenizer_model)
         check_adapter(out).raise_if_failed()
     log.info("adapter release: %s", final)
     return final
+
+
+def _write_release(out: Path, run: RunFiles, license: str | None, dataset_id: str | None, tokenizer_model) -> None:
+    from transformers import AutoTokenizer
+
+    for name in ADAPTER_FILES:
+        shutil.copyfile(run.adapter_dir / name, out / name)
+    _point_at_hub_base(out / "adapter_config.json", run)
+    tok = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    save_tokenizer(tok, out, tokenizer_model_source(run.cfg, tokenizer_model))
+    # Rebuilt rather than copied: an older run's file may list <eos> alone and never stop at <end_of_turn>.
+    generation_config(tok, _saved_generation_config(run.adapter_dir)).save_pretrained(str(out))
+    (out / ADAPTER_CONFIG_FILE).write_text(yaml.safe_dump(public_config(run.cfg), sort_keys=False))
+    goal = "questions about emotional difficulties with empathy" if is_psychology(run.cfg) else \
+        "like its training data"
+    summary = (f"A LoRA adapter for [`{run.base_id}`]({_hub_url(run.base_id)}), trained with QLoRA "
+               f"to answer {goal}. Load it on top of the base model with PEFT.")
+    write_card(out, "adapter", run, summary, license=license, dataset=dataset_id)
 
 
 def check_adapter(folder: str | Path) -> CheckResult:

@@ -16,8 +16,10 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import ConfigError, ReleaseCheckFailed
-from ..files import read_json, write_json
+from ..files import AGAIN, disk_full, is_disk_full, read_json, require_space, write_json
+from ..model.loading import check_adapter_folder
 from ..run import ADAPTER_CONFIG_FILE, RunDir, read_config_file
+from ..run_lock import hold
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -93,7 +95,7 @@ def locate_run(path: str | Path | RunDir, base_model_id: str | None = None) -> R
         raise ConfigError(f"{path} holds no adapter (adapter_config.json) and no adapter/ folder: pass the run "
                           f"directory `fine-tune-llm train` wrote, or its adapter/ folder")
     if (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
-        cfg = read_config_file(adapter_dir / ADAPTER_CONFIG_FILE)
+        cfg = read_config_file(adapter_dir / ADAPTER_CONFIG_FILE, run.adapter_hint() if run else "")
     elif run is not None:
         cfg = run.read_config()
     else:
@@ -102,19 +104,38 @@ def locate_run(path: str | Path | RunDir, base_model_id: str | None = None) -> R
     return RunFiles(adapter_dir, run, cfg, base_model_id)
 
 
+def checked_adapter(run: RunFiles) -> RunFiles:
+    """The run's adapter files whole (not cut short, not garbled), or one message naming the file, before any work."""
+    outside = "Copy the adapter folder again from where it came from."
+    check_adapter_folder(run.adapter_dir, run.run.adapter_hint() if run.run else outside)
+    return run
+
+
+def release_lock(run: RunFiles, stage: str):
+    """A release stage writes into its run directory (RUN/release/<stage>): it holds the run's lock for its
+    lifetime (run_lock.py). An adapter folder outside any run directory has no run to lock."""
+    return hold(run.run, f"release {stage}", create=False) if run.run else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def staged(final: str | Path, overwrite: bool) -> Iterator[Path]:
+def staged(final: str | Path, overwrite: bool, need: int = 0) -> Iterator[Path]:
     """A temporary folder beside `final` for a stage to write into; it replaces `final` only if the block ends
-    without an error (the stage's check raises on failure), so a failed stage leaves no half-written release."""
+    without an error (the stage's check raises on failure), so a failed stage leaves no half-written release.
+    `need` (bytes, when known) is checked against the free space first; a full disk midway is one message."""
     final = Path(final)
     if final.exists() and any(final.iterdir()) and not overwrite:
         raise ConfigError(f"{final} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
+    require_space(final.parent, need, f"writing {final}", AGAIN)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
+        full = is_disk_full(exc, final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full(final.parent, need or None, f"writing {final}",
+                            f"The partial folder was removed. {AGAIN}") from None
         raise
     if final.exists():
         shutil.rmtree(final)
@@ -193,11 +214,3 @@ def _local_path(value: Any) -> bool:
 def pickle_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"

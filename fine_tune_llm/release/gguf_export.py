@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, EnvironmentNotReady, ReleaseCheckFailed
-from ..files import cache_root, read_json, write_json
+from ..files import cache_root, human_bytes, read_json, write_json
 from ..run import RunDir
 from .checks import check_common
-from .common import CheckResult, human_bytes, locate_run, staged
+from .common import CheckResult, locate_run, release_lock, staged
 from .merge import check_merged
 from .modelcard import write_card
 from .modelfile import default_system_prompt, modelfile_matches, write_modelfile
@@ -102,17 +102,27 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path | None = None, *, qu
     """f16 GGUF + quantized copies + Modelfile + card (default: next to the merged folder, in gguf/)."""
     llama_cpp = _llama_cpp()  # first: without the optional gguf group, stop before any work
     merged_dir = merged_folder(merged_dir)
-    check_merged(merged_dir).raise_if_failed()  # never convert an unverified merge
     run = locate_run_for_merged(merged_dir)
+    with release_lock(run, "gguf"):
+        result = _export_checked(merged_dir, out_dir, run, llama_cpp, quants, llama_cpp_dir, cache_dir, name,
+                                 max_new_tokens, overwrite)
+    log.info(result.summary())
+    return result
+
+
+def _export_checked(merged_dir: Path, out_dir, run, llama_cpp, quants: tuple[str, ...], llama_cpp_dir, cache_dir,
+                    name: str, max_new_tokens: int, overwrite: bool) -> GGUFResult:
+    check_merged(merged_dir).raise_if_failed()  # never convert an unverified merge
     if _needs_sp_model(merged_dir) and not (merged_dir / "tokenizer.model").is_file():
         raise ReleaseCheckFailed(f"{merged_dir} has no tokenizer.model, which llama.cpp's converter needs for this "
                                  f"SentencePiece tokenizer: rerun `release merge --tokenizer-model PATH`")
     root = llama_cpp_tree(llama_cpp_dir, cache_dir)
     final = Path(out_dir) if out_dir else merged_dir.parent / "gguf"
-    with staged(final, overwrite) as out:
+    # At least the f16 file, about the size of the bf16 weights; the quantized copies come on top.
+    need = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    with staged(final, overwrite, need=need) as out:
         result = _export_into(out, merged_dir, run, root, llama_cpp, quants, name, max_new_tokens)
     result.folder = final
-    log.info(result.summary())
     return result
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ReleaseCheckFailed
-from ..files import read_json, write_json
+from ..files import AGAIN, human_bytes, read_json, require_space, write_json
 from ..model.generation import generation_config
 from ..model.hardware import check_environment, device_map
 from ..model.loading import guard_cpu_4bit, load_model
@@ -32,8 +32,9 @@ from .checks import check_common, check_tokenizer
 from .common import (
     CheckResult,
     RunFiles,
-    human_bytes,
+    checked_adapter,
     locate_run,
+    release_lock,
     save_tokenizer,
     staged,
     tokenizer_model_source,
@@ -104,7 +105,7 @@ def merge_adapter(run_or_adapter: str | Path, out_dir: str | Path | None = None,
     require_license(run, license)  # before the heavy work, not after it
     check_environment(run.cfg, purpose="release")
     final = Path(out_dir) if out_dir else run.release_dir("merged")
-    with staged(final, overwrite) as out:
+    with release_lock(checked_adapter(run), "merge"), staged(final, overwrite) as out:
         result = _merge_into(open_run(run, mode == "nf4", n_prompts, n_eval), out, mode,
                              (logit_atol, loss_atol, effect_rtol), license, dataset_id, tokenizer_model)
     result.folder = final
@@ -223,6 +224,8 @@ def to_bf16(model, stochastic: set[str], seed: int) -> None:
 
 
 def _save_bf16(model, tokenizer, out: Path, run: RunFiles, tokenizer_model) -> None:
+    need = 2 * sum(p.numel() for p in model.parameters())  # bf16 weights; the tokenizer adds a little
+    require_space(out, need, f"saving the merged model into {out}", AGAIN)
     model.config.dtype = "bfloat16"
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, out, tokenizer_model_source(run.cfg, tokenizer_model))

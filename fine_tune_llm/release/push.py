@@ -6,12 +6,16 @@ module never reads, passes, prints, logs or writes it; it only asks whether one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EnvironmentNotReady
-from .common import CheckResult, human_bytes
+from ..files import human_bytes
+from ..run import RunDir
+from ..run_lock import hold
+from .common import CheckResult
 from .folders import check_folder
 
 log = logging.getLogger(__name__)
@@ -59,11 +63,23 @@ def push_folder(folder: str | Path, repo_id: str, *, dry_run: bool = False, priv
     `api` is an HfApi-like object (create_repo, upload_folder); None builds huggingface_hub's HfApi.
     """
     folder = Path(folder).expanduser()
+    if dry_run:
+        check = check_folder(folder, kind).raise_if_failed()
+        return PushResult(repo_id, folder, plan_upload(folder), dry_run, private, check, warnings=list(check.warnings))
+    with _run_of(folder):  # a release folder of a run is not replaced (`--overwrite`) while it uploads
+        return _push(folder, repo_id, private, kind, commit_message, api)
+
+
+def _run_of(folder: Path):
+    run = RunDir.of(folder.parent.parent)  # RUN/release/<stage>
+    return hold(run, "release push", create=False) if run.exists() else contextlib.nullcontext()
+
+
+def _push(folder: Path, repo_id: str, private: bool, kind: str | None, commit_message: str | None,
+          api) -> PushResult:
     check = check_folder(folder, kind).raise_if_failed()
     files = plan_upload(folder)
-    result = PushResult(repo_id, folder, files, dry_run, private, check, warnings=list(check.warnings))
-    if dry_run:
-        return result
+    result = PushResult(repo_id, folder, files, False, private, check, warnings=list(check.warnings))
     if api is None:
         from huggingface_hub import HfApi, get_token
 

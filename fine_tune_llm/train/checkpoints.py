@@ -5,6 +5,10 @@ checkpoint but is not. After every save we write a COMPLETE.json marker (each fi
 atomically (write a temporary file, fsync, rename), and resume only from the newest checkpoint whose marker
 matches what is on disk. Older complete checkpoints stay as fallbacks; the Trainer keeps the last
 `save_total_limit` of them.
+
+A save that cannot fit is refused before it starts (a free-space check against the last checkpoint's size), and
+one that runs out of space midway is removed: either way the run stops with one message naming the path, the
+space needed and free, and the last complete checkpoint a re-run resumes from (`save_or_stop`).
 """
 
 from __future__ import annotations
@@ -12,15 +16,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import field_defaults
-from ..errors import ConfigError
-from ..files import sha256_file
+from ..errors import ConfigError, DiskFull
+from ..files import disk_full, free_bytes, is_disk_full, sha256_file
 from ..run import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
+# What a checkpoint holds beyond the adapter folder's files: the state that resumes training.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state", "trainer_state.json", MARKER)
 
 
 def write_marker(folder: Path) -> None:
@@ -118,6 +126,64 @@ def check_same_config(run: RunDir | str | Path, cfg) -> None:
         detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(f"{run} holds checkpoints of a run with other options ({detail}). Pass --no-resume "
                           f"to start over there, or choose another --output-dir.")
+
+
+# --- a full disk ----------------------------------------------------------------------------------------------
+
+def recorded_sizes(folder: Path) -> dict[str, int]:
+    """File sizes a checkpoint's marker records (no hashing: cheap enough before every save)."""
+    try:
+        files = json.loads((Path(folder) / MARKER).read_text())["files"]
+        return {name: int(f["size"]) for name, f in files.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def trainable_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def expected_bytes(run: RunDir, model, adapter_only: bool = False) -> int:
+    """At least what the next save takes: the newest checkpoint's recorded size (its adapter files alone for the
+    adapter folder), else the trainable weights' size."""
+    for folder in run.checkpoints():
+        sizes = recorded_sizes(folder)
+        if adapter_only:
+            sizes = {n: b for n, b in sizes.items() if not n.startswith(TRAINING_STATE)}
+        if sizes:
+            return sum(sizes.values())
+    return trainable_bytes(model)
+
+
+def save_or_stop(write: Callable[[], None], folder: Path, need: int, agree: Callable[[bool], bool], main: bool,
+                 label: str) -> None:
+    """Write `folder` (a checkpoint, the adapter's staging folder) with `write()`, on every rank. A save that cannot
+    fit (`need` bytes, checked first) or runs out of space midway leaves no partial folder, and every rank stops
+    with one message; `agree` makes the ranks decide together, so none waits forever for one that stopped."""
+    free = free_bytes(folder.parent)
+    if not agree(need <= free):
+        raise _stopped(folder, label, need, free, started=False)
+    ok = True
+    try:
+        write()
+    except Exception as exc:
+        if not is_disk_full(exc, folder.parent):
+            raise
+        ok, free = False, free_bytes(folder.parent)
+    if not agree(ok):
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise _stopped(folder, label, need, free, started=True)
+
+
+def _stopped(folder: Path, label: str, need: int, free: int, started: bool) -> DiskFull:
+    run = RunDir.of(folder.parent)
+    good = last_good_checkpoint(run)
+    done = f"What was written of {label} was removed" if started else f"Nothing of {label} was written"
+    then = (f"the last complete checkpoint is {good}: free some space and run the same command again, it resumes "
+            f"from there." if good else "no checkpoint is complete yet: free some space and run the same command "
+            "again (it starts over).")
+    return disk_full(run.path, need, f"saving {label}", f"{done}; {then}", free=free)
 
 
 def barrier() -> None:

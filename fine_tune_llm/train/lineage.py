@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import INHERITED, TrainConfig, make_config
-from ..errors import ConfigError
-from ..files import read_json, sha256_file, write_json
+from ..errors import ConfigError, DamagedFile
+from ..files import json_problem, read_json, sha256_file, write_json
 from ..run import RunDir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -50,9 +50,13 @@ def record_parent(run: RunDir, sft: RunDir) -> None:
 
 def parent_of(run: RunDir) -> RunDir | None:
     """The SFT run a preference run continued, checked: refuses one whose adapter changed since."""
-    record = read_json(run.parent_file)
-    if record is None:
+    if not run.parent_file.is_file():
         return None
+    record = read_json(run.parent_file) or {}
+    if not all(isinstance(record.get(k), str) for k in ("sft_run", "adapter_sha256")):
+        raise DamagedFile(f"{run.parent_file} cannot be read ({json_problem(run.parent_file) or 'fields missing'}): "
+                          f"it names the SFT run this stage continued. Delete it and train the preference stage "
+                          f"again (--no-resume): it records its SFT run anew.")
     sft = RunDir.of(record["sft_run"])
     now = adapter_hash(sft)
     if now != record["adapter_sha256"]:

@@ -21,13 +21,20 @@ from ..data.chat_template import build_messages, encode_batch
 from ..data.rows import check_pairs
 from ..errors import DataError
 from ..model.hardware import check_environment, resolved
-from ..model.loading import load_model, load_tokenizer, prepare_for_training, restore_trainable_dtype
+from ..model.loading import (
+    check_adapter_folder,
+    load_model,
+    load_tokenizer,
+    prepare_for_training,
+    restore_trainable_dtype,
+)
 from ..run import RunDir
+from ..run_lock import hold, is_main_process
 from . import checkpoints
 from .lineage import parent_of, record_parent
 from .memory_estimate import refuse_if_too_big
 from .progress import use_compact_progress
-from .sft import TrainResult, finish, is_main_process, lora_inputs_uncast
+from .sft import TrainResult, finish, lora_inputs_uncast
 from .trainers import GuardedDPOTrainer, StopOnSigint, default_callbacks
 
 log = logging.getLogger(__name__)
@@ -101,6 +108,7 @@ def load_policy(cfg: TrainConfig, sft: RunDir):
 
     from ..model.loading import guard_cpu_4bit
 
+    check_adapter_folder(sft.adapter_dir, sft.adapter_hint())
     model = prepare_for_training(load_model(cfg), cfg)
     # autocast_adapter_dtype=False: keep the adapter in the dtype SFT trained it in (peft#2421)
     model = PeftModel.from_pretrained(model, str(sft.adapter_dir), is_trainable=True, autocast_adapter_dtype=False)
@@ -123,12 +131,16 @@ def prepare_pairs(cfg: TrainConfig, run: RunDir, tokenizer) -> dict[str, Any]:
 
 def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> TrainResult:
     """Run the dpo stage; resume=None resumes automatically when the run directory has a good checkpoint."""
-    from transformers import set_seed
-
     check_environment(cfg)
     cfg = resolved(cfg)
     refuse_if_too_big(cfg)
-    run, sft = RunDir.of(cfg.output_dir), RunDir.of(cfg.sft_run)
+    with hold(cfg.output_dir, "preference training") as run:  # one writer per run directory (run_lock.py)
+        return _train_preference(cfg, run, RunDir.of(cfg.sft_run), resume)
+
+
+def _train_preference(cfg: TrainConfig, run: RunDir, sft: RunDir, resume: bool | str | None) -> TrainResult:
+    from transformers import set_seed
+
     if run.parent_file.is_file():
         parent_of(run)  # refuses an SFT run whose adapter changed since this stage started from it
     elif is_main_process():

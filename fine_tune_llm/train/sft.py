@@ -5,6 +5,9 @@
       load_model       4-bit base (model/loading.py) + LoRA on every linear projection
       build_trainer    TRL's SFTTrainer with our guards (train/trainers.py), resuming from the last complete checkpoint
       finish           adapter + tokenizer + generation config, trainer state, metrics CSVs and the loss plot
+
+The main process holds the run directory's lock throughout (run_lock.py): a second training, evaluation or
+release of the same run stops at once instead of writing beside it.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from ..config import TrainConfig
 from ..data.chat_template import build_messages, encode_batch
 from ..data.rows import load_splits
 from ..errors import DataError, TrainingDiverged
+from ..files import replace_folder, replaced
 from ..model import hardware
 from ..model.generation import save_inference_files
 from ..model.hardware import check_environment, resolved
 from ..model.loading import add_lora, load_model, load_tokenizer, restore_trainable_dtype
 from ..run import ADAPTER_CONFIG_FILE, RunDir, write_config_file
+from ..run_lock import hold, is_main_process
 from . import checkpoints, rowtrace
 from .memory_estimate import refuse_if_too_big
 from .progress import use_compact_progress
-from .trainers import StopOnSigint, default_callbacks, trainer_class
+from .trainers import StopOnSigint, all_ranks, default_callbacks, trainer_class
 
 log = logging.getLogger(__name__)
 TOKEN_COLUMNS = ["input_ids", "completion_mask"]
@@ -168,12 +173,16 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, model=None, tokeni
 
     A notebook may pass what it already built: the tokenizer, the prepared data (prepare_data), the model
     (with or without LoRA)."""
-    from transformers import set_seed
-
     check_environment(cfg)
     cfg = resolved(cfg)  # dtype "auto" -> what this machine trains in, recorded in config.yaml and the manifest
     refuse_if_too_big(cfg)  # on a GPU: stop before loading any weight when the config cannot fit
-    run = RunDir.of(cfg.output_dir)
+    with hold(cfg.output_dir, "training") as run:  # before any heavy work: a second writer stops at once
+        return _train(cfg, run, resume, model, tokenizer, data)
+
+
+def _train(cfg: TrainConfig, run: RunDir, resume, model, tokenizer, data: PreparedData | None) -> TrainResult:
+    from transformers import set_seed
+
     run.path.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     tokenizer = tokenizer or load_tokenizer(cfg)
@@ -219,13 +228,28 @@ def _write_run_files(cfg: TrainConfig, run: RunDir, data: PreparedData, checkpoi
     write_manifest(cfg, run, resumed_from=checkpoint)
 
 
-def is_main_process() -> bool:
-    """Rank 0, or a single process. Read from the launcher's environment: a PartialState() made before the
-    Trainer's own reports one process under torchrun on CPU, and every rank would write the run files."""
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name]) == 0
-    return True
+def save_adapter(cfg: TrainConfig, trainer, tokenizer, run: RunDir) -> Path:
+    """The adapter folder, written whole into RUN/.adapter.partial and then put in place of adapter/: a kill or a
+    full disk midway leaves the previous adapter (or none), never half of one."""
+    staging, main = run.adapter_staging_dir, trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that died while saving
+    # Every rank calls save_model (the Trainer writes on rank 0 only): under FSDP, gathering the sharded
+    # adapter is collective, and a sharded state dict would save nothing at all.
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+
+    def write():
+        trainer.save_model(str(staging))
+        if main:
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; releases write theirs
+            shutil.rmtree(staging / "ref", ignore_errors=True)  # the DPO reference: a copy of the SFT adapter
+            save_inference_files(tokenizer, trainer.model, staging)
+            write_config_file(staging / ADAPTER_CONFIG_FILE, cfg)
+
+    need = checkpoints.expected_bytes(run, trainer.model, adapter_only=True) if main else 0
+    checkpoints.save_or_stop(write, staging, need, lambda ok: all_ranks(ok, trainer.args), main, "the adapter")
+    return replace_folder(staging, run.adapter_dir) if main else run.adapter_dir
 
 
 def finish(cfg: TrainConfig, trainer, tokenizer, run: RunDir, interrupted: bool = False) -> TrainResult:
@@ -233,18 +257,11 @@ def finish(cfg: TrainConfig, trainer, tokenizer, run: RunDir, interrupted: bool 
     from .tensorboard_export import export_run
 
     history = trainer.state.log_history
-    # Every rank calls save_model (the Trainer writes on rank 0 only): under FSDP, gathering the sharded
-    # adapter is collective, and a sharded state dict would save nothing at all.
-    if getattr(trainer, "is_fsdp_enabled", False):
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(run.adapter_dir))
+    save_adapter(cfg, trainer, tokenizer, run)
     exported: dict[str, Path] = {}
     if trainer.is_world_process_zero():
-        (run.adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card; releases write theirs
-        shutil.rmtree(run.adapter_dir / "ref", ignore_errors=True)  # the DPO reference: a copy of the SFT adapter
-        save_inference_files(tokenizer, trainer.model, run.adapter_dir)
-        write_config_file(run.adapter_dir / ADAPTER_CONFIG_FILE, cfg)
-        trainer.state.save_to_json(str(run.trainer_state_file))
+        with replaced(run.trainer_state_file) as tmp:
+            trainer.state.save_to_json(str(tmp))
         exported = export_run(run, cfg.metrics_dir, cfg.imgs_dir)
     train_loss, eval_loss = final_losses(history)
     if train_loss is not None and not math.isfinite(train_loss):

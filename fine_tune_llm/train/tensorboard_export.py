@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..files import replaced
 from ..run import RunDir
 
 # TensorBoard tag -> CSV stem: the curves a user compares between runs. One-off trainer totals (runtime, FLOPs,
@@ -45,7 +46,8 @@ def read_scalars(log_dir: str | Path) -> dict[str, Series]:
 
 
 def write_csv(path: Path, rows: Series) -> None:
-    with open(path, "w", newline="") as fh:
+    # Replaced whole: metrics/ is shared, and a run of the same name elsewhere may export into it at once.
+    with replaced(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
@@ -128,8 +130,11 @@ def plot_run(run: RunDir | str | Path, imgs_dir: str | Path = "imgs",
     fig = loss_figure(scalars, f"{run.name}  (base model: {base_model})" if base_model else run.name)
     Path(imgs_dir).mkdir(parents=True, exist_ok=True)
     out = Path(imgs_dir) / f"loss_{run.name}.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with replaced(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -30,7 +30,7 @@ def all_ranks(flag: bool, args) -> bool:
     """True only if `flag` holds on every process (one tiny all-reduce; free on a single process)."""
     import torch.distributed as dist
 
-    if args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+    if getattr(args, "world_size", 1) <= 1 or not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([0.0 if flag else 1.0], device=args.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -67,6 +67,22 @@ class TrainingGuards:
                 f"step's update. Last good checkpoint: {good or 'none yet'}. Lower --learning-rate (and pass "
                 f"--no-resume) or check the data.")
         return loss
+
+    def _save_checkpoint(self, model, trial):
+        # A full disk while saving: no partial checkpoint left, one message naming the last complete one.
+        run, main = RunDir.of(self.args.output_dir), self.is_world_process_zero()
+        save = super()._save_checkpoint
+        checkpoints.save_or_stop(lambda: save(model, trial), run.checkpoint_dir(self.state.global_step),
+                                 checkpoints.expected_bytes(run, self.model) if main else 0,
+                                 lambda ok: all_ranks(ok, self.args), main, f"checkpoint-{self.state.global_step}")
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers 5's loop checks max_steps only after a step: resumed from a checkpoint at max_steps (a
+        # finished run re-run to save its damaged adapter again) it would train one step more. Train none.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         # TRL writes a placeholder README.md ("fine-tuned version of [None]") into the run directory at every
@@ -116,8 +132,13 @@ class CompletionMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoints.barrier()  # every rank writes its own rng_state_<rank>.pth: wait for all before vouching
         folder = RunDir.of(args.output_dir).checkpoint_dir(state.global_step)
-        if state.is_world_process_zero and folder.is_dir():
-            checkpoints.write_marker(folder)
+        main = state.is_world_process_zero
+
+        def vouch():
+            if main and folder.is_dir():
+                checkpoints.write_marker(folder)
+
+        checkpoints.save_or_stop(vouch, folder, 0, lambda ok: all_ranks(ok, args), main, folder.name)
         return control
 
 
