@@ -152,6 +152,10 @@ class RunDir:
                               f"not finish preparing its data; train it again to evaluate or release it")
         return saved_splits.load(self.splits_file)
 
+    def data_record(self) -> dict[str, Any]:
+        """The data's format (as read, with any --columns mapping) and counts, as training recorded them."""
+        return saved_splits.data_record(self.splits_file)
+
     def split_counts(self) -> dict[str, int] | None:
         return saved_splits.counts(self.splits_file)
 
