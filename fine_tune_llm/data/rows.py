@@ -8,6 +8,7 @@ rows with the same group key (the same question, or the same user turns) never s
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -205,6 +206,7 @@ def drop_duplicates(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
+@functools.lru_cache(maxsize=1 << 16)  # dedupe, split and counts each ask for every row's key
 def normalize_question(text: str) -> str:
     """Case, punctuation and spacing do not make a new question."""
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
