@@ -47,3 +47,10 @@ def test_the_psychology_parquet(capsys):
 def test_the_shipped_sample_with_the_tiny_preset(capsys):
     out = data_command(capsys, "--preset", "tiny")
     assert "format: question-response (detected from the columns)" in out and "rows: 160 read" in out
+
+
+def test_a_tokenizer_only_on_an_unreachable_hub_is_one_message(capsys):
+    assert main(["data", "sample", "--preset", "smollm2-135m"]) == 2  # HF_HUB_OFFLINE=1 in the tests
+    err = capsys.readouterr().err
+    assert err.startswith("error: HuggingFaceTB/SmolLM2-135M-Instruct is not a local path and HF_HUB_OFFLINE=1")
+    assert "--base-model DIR" in err and "Traceback" not in err

@@ -196,3 +196,13 @@ def test_the_real_chatterbot_file_splits_without_leaks_and_keeps_its_multi_turn_
             for ex in part:
                 sizes[data.group_key(ex)] = sizes.get(data.group_key(ex), 0) + 1
         assert sum(n > 1 for n in sizes.values()) > 50 and sizes["are you sentient"] == 3
+
+
+def test_csv_prompts_and_answers_may_be_json_message_lists(tmp_path):
+    import pandas as pd
+
+    conv = CONVERSATIONS[0]
+    pd.DataFrame([{"prompt": json.dumps(conv[:-1]), "chosen": json.dumps([conv[-1]]), "rejected": "No."}]).to_csv(
+        tmp_path / "p.csv", index=False)
+    (ex,) = data.load_examples(str(tmp_path / "p.csv"))
+    assert ex["messages"] == conv and ex["rejected"] == "No."

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
 from ..config import PRESETS, TrainConfig, add_config_arguments, field_names, make_config
@@ -41,17 +40,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(cfg: TrainConfig, row: int | None = None) -> str:
-    from ..data.rows import load_splits
+    from ..data.rows import config_splits
     from ..data.tokenized import length_summary, tokenize_split
     from ..notebook import display
 
-    # Every row is read and checked first: a bad row stops here, before any tokenizer loads.
-    splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction,
-                         cfg.data_format, cfg.columns)
-    tokenizer = tokenizer_for(cfg)
+    # The counts the log would give are in the summary below; warnings about the file itself (blank rows, odd
+    # encodings) still show.
     quiet = logging.getLogger("fine_tune_llm.data")
-    level, quiet.level = quiet.level, logging.ERROR  # the cut counts are in the table below
+    level = quiet.level
     try:
+        quiet.setLevel(logging.WARNING)
+        splits = config_splits(cfg)  # every row read and checked first: a bad row stops before any tokenizer loads
+        tokenizer = tokenizer_for(cfg)
+        quiet.setLevel(logging.ERROR)  # truncated, cut and skipped rows are counted in the table
         tokenized = {name: tokenize_split(splits[name], tokenizer, cfg, name) for name in SPLITS}
     finally:
         quiet.setLevel(level)
@@ -77,16 +78,14 @@ def report(cfg: TrainConfig, row: int | None = None) -> str:
 
 def tokenizer_for(cfg: TrainConfig):
     """The model's tokenizer (no weights), with one message when it can only come from an unreachable Hub."""
-    from ..model.hardware import OFFLINE_HINT, is_local
+    from ..model.hardware import check_model_reachable
     from ..model.loading import load_tokenizer
 
-    if not is_local(cfg) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from ..model.hardware import _in_hub_cache
-
-        if not _in_hub_cache(cfg.base_model):
-            raise EnvironmentNotReady(f"{cfg.base_model}'s tokenizer is not local and HF_HUB_OFFLINE=1: pass "
-                                      f"--base-model DIR (a folder with the tokenizer files, or a .gguf file); "
-                                      f"{OFFLINE_HINT}")
+    try:
+        check_model_reachable(cfg)
+    except EnvironmentNotReady as exc:
+        raise EnvironmentNotReady(f"{exc} A local tokenizer works too: --base-model DIR (a folder with the tokenizer "
+                                  f"files) or a .gguf file.") from None
     return load_tokenizer(cfg)
 
 

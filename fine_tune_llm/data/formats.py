@@ -81,9 +81,14 @@ class DataFormat:
         if not record or not record.get("format"):
             return None
         columns = record.get("columns")
-        fmt = FORMATS.get(record["format"]) or Format("columns", tuple(columns or ()), (),
-                                                      (columns or {}).get("rejected"))
+        fmt = FORMATS.get(record["format"]) or mapped(columns or {})
         return cls(fmt, record.get("chosen_by", "recorded"), columns)
+
+
+def mapped(mapping: dict[str, str]) -> Format:
+    """The "columns" format of a --columns mapping."""
+    return Format("columns", tuple(mapping), (), "rejected" if "rejected" in mapping else None,
+                  "your columns, named by --columns")
 
 
 def choose(rows: list[dict[str, Any]], source: str, data_format: str = "auto",
@@ -96,9 +101,7 @@ def choose(rows: list[dict[str, Any]], source: str, data_format: str = "auto",
         if missing:
             raise DataError(f"{source}: --columns names column(s) {', '.join(map(repr, missing))}, which the file "
                             f"lacks; found: {', '.join(sorted(found)) or 'no columns'}")
-        fields = tuple(mapping)
-        return DataFormat(Format("columns", fields, (), "rejected" if "rejected" in mapping else None,
-                                 "your columns, named by --columns"), "--columns", mapping)
+        return DataFormat(mapped(mapping), "--columns", mapping)
     if data_format not in ("auto", "columns"):
         fmt = FORMATS[data_format]
         missing = [c for c in fmt.required if c not in found]
@@ -229,14 +232,21 @@ def check_order(conversation: list[dict[str, str]], where: Where, role_key: str)
         spoken += 1
 
 
+def listlike(value: Any) -> bool:
+    """A list of messages: a list, a numpy array (parquet), or JSON text of a list of objects (CSV)."""
+    if isinstance(value, str):
+        return value.lstrip().startswith("[{")
+    return isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, bytes))
+
+
 def answer(value: Any, where: Where, what: str) -> str:
     """A completion, chosen or rejected answer: text, one assistant message, or a list holding one."""
-    if isinstance(value, str) or is_null(value):
-        return text(value, where)
     if isinstance(value, dict) or (hasattr(value, "items") and not hasattr(value, "tolist")):
         items = [value]
-    else:
+    elif listlike(value):
         items = as_list(value, where)
+    else:  # text; anything else is named as not text
+        return text(value, where)
     if len(items) != 1:
         raise where.error(f"expected one assistant turn, got {len(items)} turns")
     m = turn(items[0], where.at(1))
@@ -248,7 +258,7 @@ def answer(value: Any, where: Where, what: str) -> str:
 
 def prompt(value: Any, where: Where) -> list[dict[str, str]]:
     """The turns before the answer: one user text, or a message list ending with a user turn."""
-    if isinstance(value, str) or is_null(value):
+    if not listlike(value):
         return [{"role": "user", "content": text(value, where)}]
     conversation = turns(value, where)
     if conversation[-1]["role"] != "user":

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..errors import DataError
 from . import formats
 
@@ -272,6 +273,13 @@ def load_splits(source: str, seed: int, data_samples: int | None = None, val_fra
     splits.summary = summarize(splits, fmt, rows_read=read, duplicates=read - deduped)
     log.info("data %s: %s", source, describe(splits.summary))
     return splits
+
+
+def config_splits(cfg: TrainConfig) -> Splits:
+    """The configured data, read, checked and split: what training saves into its run (splits.json) and
+    `fine-tune-llm data` previews. Every later stage reads the run's saved split instead."""
+    return load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction, cfg.data_format,
+                       cfg.columns)
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -83,7 +83,8 @@ def pick_example(ds, row: int | None = None) -> int:
     rows = ds["row"]
     if row is not None:
         if row not in rows:
-            raise KeyError(row)
+            raise ValueError(f"row {row} is not in this split (it may be in another, a dropped duplicate, or skipped "
+                             f"because its prompt fills max_length)")
         return rows.index(row)
     trained, lengths = ds["turns_trained"], [len(ids) for ids in ds["input_ids"]]
     multi = [i for i, t in enumerate(trained) if t >= 2]

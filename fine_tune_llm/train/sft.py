@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import TrainConfig
-from ..data.rows import load_splits
+from ..data.rows import config_splits
 from ..data.tokenized import tokenize_split
 from ..errors import DataError, TrainingDiverged
 from ..model import hardware
@@ -68,8 +68,7 @@ class PreparedData(NamedTuple):
 def split_data(cfg: TrainConfig):
     """Read and check every row, dedupe and split the configured data (the one place a split is made: later stages
     read the run's splits.json). A bad row stops here, before any tokenizer or model loads."""
-    return load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction, cfg.data_format,
-                       cfg.columns)
+    return config_splits(cfg)
 
 
 def tokenize_splits(cfg: TrainConfig, splits, tokenizer) -> PreparedData:
