@@ -61,9 +61,20 @@ class TrainConfig:
     test_fraction: float = option(0.1, help=(
         "The test split is never trained on nor used for model selection: the before/after report "
         "uses it."))
+    data_format: str = option("auto", help=(
+        "auto: read from the columns (messages, conversations, prompt/completion, prompt/chosen/rejected, "
+        "question/response_j/response_k, instruction/output; docs/training.md#data-formats), so the same command "
+        "takes any of them; name one to insist, and a file without its columns stops naming what is missing."))
+    columns: str | None = option(None, help=(
+        "Your own column names as FIELD=COLUMN pairs: question=Q,answer=A[,rejected=R][,system=S], or messages=M "
+        "(a conversation column); a YAML file may give a mapping. Explicit, not guessed: a file whose columns "
+        "match no standard format stops instead of training on the wrong column."))
+    train_on: str = option("all", help=(
+        "all: the loss covers every assistant turn of a conversation, each being an answer the model should give; "
+        "last: only the final one, the earlier turns being context (e.g. answers written by another model)."))
     system_prompt: str | None = option(None, help=(
-        "Gemma's template refuses a system role, so a system prompt is folded into the first user "
-        "turn."))
+        "A system message for rows that carry none: kept as a system turn where the chat template has one "
+        "(ChatML), folded into the first user turn where it refuses one (Gemma)."))
     max_length: int = option(512, help=(
         "The real answers average ~270 characters (~70 tokens); 512 tokens keeps >99% of rows whole."))
 
@@ -313,6 +324,12 @@ def coerce(name: str, value: Any, converters: dict[str, Any]) -> Any:
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
+# The data formats (data/formats.py reads each); "columns" is the one --columns names.
+DATA_FORMATS = ("auto", "messages", "sharegpt", "prompt-completion", "prompt-chosen-rejected", "question-response",
+                "instruction", "columns")
+# What --columns may name: one exchange (question, answer, optional rejected and system) or a conversation column.
+COLUMN_FIELDS = ("question", "answer", "rejected", "system", "messages")
+TRAIN_ON = ("all", "last")
 # Values a dpo stage starts from, over the SFT run's settings; a preset file's `dpo:` section adds its own on top.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # LoRA DPO moves an already tuned adapter: ~1/10 of the SFT rate (TRL's 1e-6 is for full fine-tunes, where
@@ -321,8 +338,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
 INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
-             "data_samples", "val_fraction", "test_fraction", "system_prompt", "max_length", "quantization", "lora_r",
-             "lora_alpha", "target_modules", "lora_layers", "seed")
+             "data_format", "columns", "train_on", "data_samples", "val_fraction", "test_fraction", "system_prompt",
+             "max_length", "quantization", "lora_r", "lora_alpha", "target_modules", "lora_layers", "seed")
 
 
 def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None,
@@ -343,6 +360,8 @@ def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None
     values.update({**STAGE_DEFAULTS.get(stage, {}), **preset_values.get(stage, {}), **loaded.get(stage, {})})
     values.update(_options(loaded))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("columns"), Mapping):  # YAML's mapping form: the flag's text form is what is stored
+        values["columns"] = ",".join(f"{k}={v}" for k, v in values["columns"].items())
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise ConfigError(f"unknown option(s): {', '.join(unknown)}; valid options: {', '.join(field_names())}")
@@ -383,11 +402,39 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.stage != "dpo" or bool(cfg.sft_run), ["stage", "sft_run"], "paired: --stage dpo needs --sft-run RUN_DIR"),
         (cfg.loss_type in LOSS_TYPES, ["loss_type"], f"one of {', '.join(LOSS_TYPES)}"),
         (cfg.beta > 0, ["beta"], "positive"),
+        (cfg.data_format in DATA_FORMATS, ["data_format"], f"one of {', '.join(DATA_FORMATS)}"),
+        (cfg.train_on in TRAIN_ON, ["train_on"], f"one of {', '.join(TRAIN_ON)}"),
+        (cfg.data_format in ("auto", "columns") if cfg.columns else cfg.data_format != "columns",
+         ["data_format", "columns"], "paired: --columns reads the data as format 'columns' (leave --data-format auto)"),
     ]
     for ok, names, want in checks:
         if not ok:
             got = ", ".join(f"{n}={getattr(cfg, n)!r}" for n in names)
             raise ConfigError(f"option {'/'.join(repr(n) for n in names)} must be {want}; got {got}")
+    if cfg.columns:
+        parse_columns(cfg.columns)
 
 
-__all__ = ["PRESETS", "TrainConfig", "add_config_arguments", "field_names", "make_config", "validate"]
+def parse_columns(text: str) -> dict[str, str]:
+    """--columns "question=Q,answer=A" as {"question": "Q", "answer": "A"}; errors name the option and the pair."""
+    mapping: dict[str, str] = {}
+    for pair in (p.strip() for p in text.split(",")):
+        field_name, sep, column = (s.strip() for s in pair.partition("="))
+        if not sep or not field_name or not column:
+            raise ConfigError(f"option 'columns': {pair!r} is not FIELD=COLUMN (e.g. question=Q,answer=A)")
+        if field_name not in COLUMN_FIELDS:
+            raise ConfigError(f"option 'columns': unknown field {field_name!r}; fields: {', '.join(COLUMN_FIELDS)}")
+        if field_name in mapping:
+            raise ConfigError(f"option 'columns': field {field_name!r} is given twice")
+        mapping[field_name] = column
+    if "messages" in mapping and set(mapping) - {"messages", "rejected"}:
+        raise ConfigError("option 'columns': messages=COLUMN holds whole conversations; it takes no question, "
+                          "answer or system column (only an optional rejected=COLUMN)")
+    if "messages" not in mapping and not {"question", "answer"} <= set(mapping):
+        missing = [f for f in ("question", "answer") if f not in mapping]
+        raise ConfigError(f"option 'columns': {' and '.join(missing)} missing; name both question and answer "
+                          f"columns (or messages=COLUMN for conversations)")
+    return mapping
+
+
+__all__ = ["PRESETS", "TrainConfig", "add_config_arguments", "field_names", "make_config", "parse_columns", "validate"]

@@ -198,6 +198,10 @@ class RunDir:
         return (f"Training writes it: train the run again from the start (`fine-tune-llm train --config "
                 f"{self.config_file} --no-resume`), or train into another --output-dir.")
 
+    def data_record(self) -> dict[str, Any]:
+        """The data's format (as read, with any --columns mapping) and counts, as training recorded them."""
+        return saved_splits.data_record(self.splits_file)
+
     def split_counts(self) -> dict[str, int] | None:
         return saved_splits.counts(self.splits_file)
 

@@ -63,14 +63,25 @@ def hold(run: RunDir | str | Path, what: str, create: bool = True) -> Iterator[R
         if key in _held:
             _held[key][1] += 1
         else:
+            created = create and not run.path.exists()
             _held[key] = [_acquire(run, what, create), 1]
+            _held[key].append(run.path if created else None)
     try:
         yield run
     finally:
         with _guard:
             _held[key][1] -= 1
             if _held[key][1] == 0:
-                _release(_held.pop(key)[0])
+                fd, _, created = _held.pop(key)
+                _remove_if_only_the_lock(created, run)  # a start that failed before writing leaves nothing
+                _release(fd)
+
+
+def _remove_if_only_the_lock(created: Path | None, run: RunDir) -> None:
+    """Delete a directory this hold created when the lock file is all it holds (still locked: no one can be in it)."""
+    if created is not None and [p.name for p in created.iterdir()] == [run.lock_file.name]:
+        run.lock_file.unlink()
+        created.rmdir()
 
 
 def _acquire(run: RunDir, what: str, create: bool) -> int | None:

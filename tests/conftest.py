@@ -16,6 +16,7 @@ REAL_DATA = SHARED / "data" / "psychology-dataset" / "psychology_dataset.parquet
 GEMMA_TOKENIZER = SHARED / "models" / "gemma-tokenizer"
 SMOLLM_DIR = SHARED / "models" / "smollm2-135m-instruct"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHATTERBOT = SHARED / "data" / "chatterbot-corpus" / "english_messages.jsonl"
 
 
 def need(path: Path) -> Path:
@@ -39,6 +40,23 @@ def gemma_tokenizer():
     tok = AutoTokenizer.from_pretrained(need(GEMMA_TOKENIZER))
     tok.padding_side = "right"
     return tok
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer and ChatML template, read from the GGUF (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(need(SMOLLM_DIR / SMOLLM_GGUF).parent, gguf_file=SMOLLM_GGUF)
+    tok.padding_side = "right"
+    return tok
+
+
+def chatterbot_rows() -> list[dict]:
+    """The real chatterbot conversations (messages format), read from ../shared: never copied into the project."""
+    import json
+
+    return [json.loads(line) for line in need(CHATTERBOT).read_text().splitlines() if line.strip()]
 
 
 def tiny_config(root: Path, run: str = "run", **overrides):

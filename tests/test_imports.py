@@ -137,8 +137,13 @@ def test_only_the_run_directory_module_spells_the_run_layout():
 
 
 def test_splits_are_made_in_one_place():
+    """A config's split is made by one function; training saves it and `fine-tune-llm data` previews it, and every
+    other stage reads the run's saved split."""
     calls = [name for name, path in modules().items() if re.search(r"\bload_splits\(cfg", path.read_text())]
-    assert calls == ["fine_tune_llm.train.sft"], calls
+    assert calls == ["fine_tune_llm.data.rows"], calls
+    callers = sorted(name for name, path in modules().items() if re.search(r"\bconfig_splits\(cfg", path.read_text())
+                     and name != "fine_tune_llm.data.rows")
+    assert callers == ["fine_tune_llm.cli.data", "fine_tune_llm.train.sft"], callers
 
 
 def test_cli_start_up_does_not_import_trl():

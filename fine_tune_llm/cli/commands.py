@@ -1,4 +1,4 @@
-"""`fine-tune-llm`: train, demo, evaluate, release, export-metrics.
+"""`fine-tune-llm`: train, demo, evaluate, release, export-metrics, data.
 
 Start-up imports no ML library: each command imports what it needs when it runs, so `--help` and the light
 commands start at once (TRL alone is slow to import: docs/results.md#start-up-and-small-kernels).
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ..config import PRESETS, TrainConfig, add_config_arguments, field_names, make_config
 from ..console import quiet_libraries
 from ..errors import FineTuneError
+from . import data as data_cli
 from . import evaluate as evaluation_cli
 from . import release as release_cli
 
@@ -143,6 +144,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
     "evaluate": (evaluation_cli.add_args, evaluation_cli.run),
     "release": (release_cli.add_args, release_cli.run),
     "export-metrics": (export_args, cmd_export),
+    "data": (data_cli.add_args, data_cli.run),
 }
 
 

@@ -51,6 +51,8 @@ def summary(report: dict) -> str:
     if base.get("pairs"):
         cis = ["[{:.2f}, {:.2f}]".format(*m[n]["margin_ci95"]) for n in names]
         lines.append(f"  {'margin 95% CI':30s}" + "".join(f"{c:>16s}" for c in cis))
+    elif report["settings"].get("no_pairs"):
+        lines.append(f"  no preference metrics: {report['settings']['no_pairs']}")
     lengths = report.get("generation_lengths") or {}
     if lengths:
         lines.append(f"  {'greedy answer tokens (mean)':30s}"

@@ -1,13 +1,14 @@
-"""Load a dataset, check every row, shuffle with the seed, and split by question without leaks.
+"""Load a dataset, check every row, shuffle with the seed, and split by prompt group without leaks.
 
-Two schemas are accepted:
-- preference rows: question, response_j (trained on), response_k (kept for evaluation only);
-- instruction rows: instruction, input (optional), output - the usual layout for other domains.
+The formats a file may come in (conversations, prompt/completion, preference rows, instruction rows, your own
+column names) and what each row becomes are in formats.py; here rows are read, deduplicated and split so that
+rows with the same group key (the same question, or the same user turns) never straddle two splits.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -17,13 +18,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
 from ..errors import DataError
+from . import formats
 
 log = logging.getLogger(__name__)
 
 SAMPLE_DATA = Path(__file__).parent / "assets" / "sample_psychology.jsonl"
-PREFERENCE = ("question", "response_j", "response_k")
-INSTRUCTION = ("instruction", "input", "output")
 FORMATS = (".parquet", ".csv", ".jsonl", ".json")
 
 
@@ -124,75 +125,67 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def detect_schema(rows: list[dict[str, Any]], source: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if {"question", "response_j"} <= columns:
-        return "preference"
-    if {"instruction", "output"} <= columns:
-        return "instruction"
-    want_p = [c for c in ("question", "response_j") if c not in columns]
-    raise DataError(f"{source}: missing column(s) {', '.join(want_p)}; expected (question, response_j, response_k) "
-                    f"or (instruction, input, output); found: {', '.join(sorted(columns)) or 'no columns'}")
+def to_examples(rows: list[dict[str, Any]], source: str, data_format: str = "auto",
+                columns: str | dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Check every row; return {row, question, answer, rejected} (+ messages for a conversation) per row, with the
+    file's 1-based row number (data/formats.py says what each format holds)."""
+    return read_examples(rows, source, data_format, columns)[0]
 
 
-def _text(row: dict[str, Any], column: str, n: int, source: str, required: bool = True) -> str | None:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        if not required:
-            return None
-        raise DataError(f"{source}: row {n}, column {column!r}: value is null")
-    if not isinstance(value, str):
-        raise DataError(f"{source}: row {n}, column {column!r}: expected text, got {type(value).__name__} "
-                        f"{str(value)[:40]!r}")
-    if required and not value.strip():
-        raise DataError(f"{source}: row {n}, column {column!r}: text is empty")
-    return value
-
-
-def to_examples(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """Check every row; return {row, question, answer, rejected} with the file's 1-based row number."""
+def read_examples(rows: list[dict[str, Any]], source: str, data_format: str = "auto",
+                  columns: str | dict[str, str] | None = None) -> tuple[list[dict[str, Any]], formats.DataFormat]:
+    """The checked examples and the format they were read in."""
     if not rows:
         raise DataError(f"{source}: no rows")
-    schema = detect_schema(rows, source)
-    examples, blank = [], []
+    fmt = formats.choose(rows, source, data_format, columns)
+    examples, blank, trailing = [], [], []
     for n, row in enumerate(rows, start=1):
         if _is_blank(row):  # e.g. a spreadsheet's trailing line of spaces: nothing to train on or report
             blank.append(n)
             continue
-        if schema == "preference":
-            question = _text(row, "question", n, source)
-            answer = _text(row, "response_j", n, source)
-            rejected = _text(row, "response_k", n, source, required="response_k" in row)
-        else:
-            question = _text(row, "instruction", n, source)
-            extra = _text(row, "input", n, source, required=False)
-            if extra and extra.strip():
-                question = f"{question}\n\n{extra}"
-            answer = _text(row, "output", n, source)
-            rejected = None
-        examples.append({"row": n, "question": question, "answer": answer, "rejected": rejected})
+        example, dropped = formats.read_row(row, n, source, fmt)
+        examples.append(example)
+        if dropped:
+            trailing.append(n)
     if blank:
         log.warning("%s: skipped %d blank row(s) (every column empty or whitespace: rows %s)", source, len(blank),
                     ", ".join(map(str, blank[:10])))
+    if trailing:
+        log.info("%s: dropped the final user turn of %d conversation(s): no answer follows it (rows %s)", source,
+                 len(trailing), ", ".join(map(str, trailing[:10])))
     if not examples:
         raise DataError(f"{source}: every row is blank")
-    return examples
+    return examples, fmt
 
 
-def check_pairs(examples: list[dict[str, Any]], source: str) -> None:
+def check_pairs(examples: list[dict[str, Any]], source: str, fmt: formats.DataFormat | None = None) -> None:
     """A preference stage needs a rejected answer that is real text and differs from the chosen one."""
+    column = (fmt.rejected_column if fmt is not None else None) or "response_k"
     for ex in examples:
         rejected = ex.get("rejected")
-        where = f"{source}: row {ex['row']}, column 'response_k'"
+        where = f"{source}: row {ex['row']}, column {column!r}"
         if rejected is None:
-            raise DataError(f"{source}: row {ex['row']} has no rejected answer: the preference stage needs pairs "
-                            f"(question, response_j, response_k); instruction rows (instruction, input, output) "
-                            f"train with the default SFT stage only")
+            raise DataError(f"{source}: row {ex['row']} has no rejected answer: the preference stage needs pairs; "
+                            f"{no_pairs_reason(fmt)}")
         if not rejected.strip():
             raise DataError(f"{where}: the rejected answer is empty or whitespace")
         if rejected.strip() == ex["answer"].strip():
-            raise DataError(f"{where}: the rejected answer is identical to the chosen one (response_j): the pair "
-                            f"teaches nothing; drop the row or fix it")
+            raise DataError(f"{where}: the rejected answer is identical to the chosen one: the pair teaches "
+                            f"nothing; drop the row or fix it")
+
+
+def no_pairs_reason(fmt: formats.DataFormat | None) -> str:
+    """Why rows have no rejected answer, and which rows would."""
+    what = f"{without_rejected(fmt)}; " if fmt is not None else ""
+    return (f"{what}rows with a rejected answer are (question, response_j, response_k), (prompt, chosen, rejected), "
+            f"messages or conversations with a rejected column, or --columns ...,rejected=COLUMN; instruction and "
+            f"prompt-completion rows train with the default SFT stage only")
+
+
+def without_rejected(fmt: formats.DataFormat) -> str:
+    column = fmt.rejected_column
+    return (f"the data is read as format {fmt.name!r} ({fmt.how}), "
+            + (f"without a {column!r} column" if column else "which has no rejected answers"))
 
 
 def _is_blank(row: dict[str, Any]) -> bool:
@@ -201,28 +194,45 @@ def _is_blank(row: dict[str, Any]) -> bool:
 
 
 def drop_duplicates(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the same prompt (group key and system message) and the same answers: one is kept."""
     seen, kept = set(), []
     for ex in examples:
-        key = (normalize_question(ex["question"]), ex["answer"].strip())
+        answers = tuple(m["content"].strip() for m in formats.conversation(ex) if m["role"] == "assistant")
+        key = (group_key(ex), formats.system_message(ex), answers)
         if key not in seen:
             seen.add(key)
             kept.append(ex)
     if len(kept) < len(examples):
-        log.info("dropped %d duplicate row(s) (same question and answer)", len(examples) - len(kept))
+        log.info("dropped %d duplicate row(s) (same prompt and answers)", len(examples) - len(kept))
     return kept
 
 
+@functools.lru_cache(maxsize=1 << 16)  # dedupe, split and counts each ask for every row's key
 def normalize_question(text: str) -> str:
     """Case, punctuation and spacing do not make a new question."""
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
+# Recorded in splits.json beside each row's key: what the split kept together.
+GROUP_KEY = "normalized user turns (case, punctuation and spacing ignored), joined in order"
+
+
+def group_key(example: dict[str, Any]) -> str:
+    """Rows with the same key go to the same split: the same question, or a conversation with the same user turns.
+
+    The one place a split's grouping is decided: a finer notion of "the same prompt" (near-duplicate clusters)
+    replaces this function."""
+    if "messages" not in example:
+        return normalize_question(example["question"])
+    return " | ".join(normalize_question(m["content"]) for m in example["messages"] if m["role"] == "user")
+
+
 def split_by_question(examples: list[dict[str, Any]], val_fraction: float, test_fraction: float,
                       ) -> dict[str, list[dict[str, Any]]]:
-    """Whole question groups go to one split, so no question is in two splits."""
+    """Whole groups (rows with one group_key) go to one split, so no question or conversation is in two splits."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for ex in examples:
-        groups.setdefault(normalize_question(ex["question"]), []).append(ex)
+        groups.setdefault(group_key(ex), []).append(ex)
     total = len(examples)
     want = {"test": test_fraction * total, "validation": val_fraction * total}
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
@@ -232,19 +242,65 @@ def split_by_question(examples: list[dict[str, Any]], val_fraction: float, test_
     return splits
 
 
-def load_examples(source: str | Path) -> list[dict[str, Any]]:
+class Splits(dict):
+    """split name -> rows, and `summary`: the data's format and counts (recorded in splits.json, printed)."""
+
+    def __init__(self, parts: dict[str, list[dict[str, Any]]], summary: dict[str, Any] | None = None):
+        super().__init__(parts)
+        self.summary = summary or {}
+
+
+def load_examples(source: str | Path, data_format: str = "auto",
+                  columns: str | dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every checked row of the source, in file order, each with its 1-based row number."""
     src = resolve_source(str(source))
-    return to_examples(read_rows(src), src)
+    return to_examples(read_rows(src), src, data_format, columns)
 
 
 def load_splits(source: str, seed: int, data_samples: int | None = None, val_fraction: float = 0.1,
-                test_fraction: float = 0.1) -> dict[str, list[dict[str, Any]]]:
-    """Read, check, dedupe, shuffle with the seed, keep the first data_samples rows, split by question."""
-    examples = drop_duplicates(load_examples(source))
+                test_fraction: float = 0.1, data_format: str = "auto",
+                columns: str | dict[str, str] | None = None) -> Splits:
+    """Read, check, dedupe, shuffle with the seed, keep the first data_samples rows, split by group key."""
+    src = resolve_source(str(source))
+    examples, fmt = read_examples(read_rows(src), src, data_format, columns)
+    read = len(examples)
+    examples = drop_duplicates(examples)
+    deduped = len(examples)
     random.Random(seed).shuffle(examples)
     if data_samples is not None:
         examples = examples[:data_samples]
-    splits = split_by_question(examples, val_fraction, test_fraction)
-    log.info("data %s: %s", source, ", ".join(f"{k}={len(v)}" for k, v in splits.items()))
+    splits = Splits(split_by_question(examples, val_fraction, test_fraction))
+    splits.summary = summarize(splits, fmt, rows_read=read, duplicates=read - deduped)
+    log.info("data %s: %s", source, describe(splits.summary))
     return splits
+
+
+def config_splits(cfg: TrainConfig) -> Splits:
+    """The configured data, read, checked and split: what training saves into its run (splits.json) and
+    `fine-tune-llm data` previews. Every later stage reads the run's saved split instead."""
+    return load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction, cfg.data_format,
+                       cfg.columns)
+
+
+def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Rows, prompt groups, multi-turn conversations, assistant turns and rows with a rejected answer."""
+    return {"rows": len(rows), "groups": len({group_key(r) for r in rows}),
+            "multi_turn": sum(formats.assistant_turns(r) > 1 for r in rows),
+            "assistant_turns": sum(formats.assistant_turns(r) for r in rows),
+            "with_rejected": sum(r.get("rejected") is not None for r in rows)}
+
+
+def summarize(splits: dict[str, list[dict[str, Any]]], fmt: formats.DataFormat, rows_read: int,
+              duplicates: int) -> dict[str, Any]:
+    """What splits.json records and `fine-tune-llm data` prints about the data."""
+    every = [r for rows in splits.values() for r in rows]
+    return {**fmt.record(), "rows_read": rows_read, "duplicates_dropped": duplicates, **counts(every),
+            "group_key": GROUP_KEY, "splits": {name: counts(rows) for name, rows in splits.items()}}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line: the format, how it was chosen, rows and turns, and rows per split."""
+    per_split = ", ".join(f"{k}={v['rows']}" for k, v in summary["splits"].items())
+    return (f"format {summary['format']} ({summary['chosen_by']}); {summary['rows']:,} rows "
+            f"({summary['multi_turn']:,} multi-turn, {summary['assistant_turns']:,} assistant turns, "
+            f"{summary['with_rejected']:,} with a rejected answer); {per_split}")

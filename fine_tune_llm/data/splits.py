@@ -1,7 +1,9 @@
 """Saved splits: which rows of the data a run trained, validated and tested on.
 
-Training writes the membership once (`splits.json` in the run directory): each split's rows by their 1-based
-number in the data file, a hash of each row's content, and a hash of each split. Every later stage (evaluation,
+Training writes the membership once (`splits.json` in the run directory): the format the data was read in (with
+the --columns mapping) and its counts, then each split's rows by their 1-based number in the data file, a hash of
+each row's content, a hash of each split, and each row's group key (hashed): rows sharing a key never straddle
+two splits. Every later stage (evaluation,
 merge parity, the model card, the preference stage) reads it instead of splitting again, so an old run's
 held-out rows stay what they were when the split code changes, and an edited data file is caught instead of
 silently changing what "held-out" means.
@@ -16,16 +18,22 @@ from typing import Any
 
 from ..errors import DamagedFile, DataError
 from ..files import json_problem, read_json, sha256_file, write_json
-from .rows import load_examples, resolve_source
+from .rows import Splits, group_key, load_examples, resolve_source
 
-FORMAT = 1
-Splits = dict[str, list[dict[str, Any]]]
+FORMAT = 1  # records without "data" (written before conversations) read as they always did: format auto
 
 
 def row_hash(example: dict[str, Any]) -> str:
-    """What the run saw of a row: its question, trained answer and rejected answer."""
-    text = json.dumps([example["question"], example["answer"], example.get("rejected")], ensure_ascii=False)
+    """What the run saw of a row: its question, trained answer and rejected answer (and its whole conversation)."""
+    seen = [example["question"], example["answer"], example.get("rejected")]
+    if "messages" in example:
+        seen.append(example["messages"])
+    text = json.dumps(seen, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def key_hash(example: dict[str, Any]) -> str:
+    return hashlib.sha256(group_key(example).encode()).hexdigest()[:12]
 
 
 def split_hash(hashes: list[str]) -> str:
@@ -37,10 +45,14 @@ def membership(splits: Splits, source: str) -> dict[str, Any]:
     resolved = Path(resolve_source(source))
     record: dict[str, Any] = {"format": FORMAT, "source": source,
                               "file_sha256": sha256_file(resolved) if resolved.is_file() else None, "splits": {}}
+    summary = getattr(splits, "summary", None)
+    if summary:
+        record["data"] = {k: v for k, v in summary.items() if k != "splits"}
     for name, rows in splits.items():
         hashes = [row_hash(r) for r in rows]
         record["splits"][name] = {"count": len(rows), "sha256": split_hash(hashes), "rows": [r["row"] for r in rows],
-                                  "row_sha256": hashes}
+                                  "row_sha256": hashes, "row_group": [key_hash(r) for r in rows],
+                                  **({"counts": summary["splits"][name]} if summary else {})}
     return record
 
 
@@ -56,8 +68,9 @@ def load(path: str | Path, source: str | None = None, hint: str = "") -> Splits:
     record = read_record(path, hint)
     source = source or record["source"]
     file = resolve_source(source)
-    by_row = {ex["row"]: ex for ex in load_examples(file)}
-    out: Splits = {}
+    data = record.get("data") or {}
+    by_row = {ex["row"]: ex for ex in load_examples(file, data.get("format", "auto"), data.get("columns"))}
+    out = Splits({}, {**data, "splits": {n: s.get("counts", {"rows": s["count"]}) for n, s in record["splits"].items()}})
     changed: dict[str, int] = {}
     for name, saved in record["splits"].items():
         rows = [by_row.get(n) for n in saved["rows"]]
@@ -96,6 +109,11 @@ def _record_problem(record: dict[str, Any]) -> str | None:
                 and all(isinstance(n, int) for n in rows) and isinstance(saved.get("count"), int)):
             return f"split {name!r} lacks matching 'rows', 'row_sha256' and 'count'"
     return None
+
+
+def data_record(path: str | Path) -> dict[str, Any]:
+    """The data's format and counts as training recorded them ({} for a record written before they were)."""
+    return (read_json(path) or {}).get("data") or {}
 
 
 def counts(path: str | Path) -> dict[str, int] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..data.formats import DataFormat, assistant_turns, conversation, with_answer
+from ..data.rows import without_rejected
 from ..errors import ConfigError, DataError
 from ..model.generation import generate_answers
 from ..model.hardware import check_environment
@@ -25,7 +28,7 @@ from ..model.loading import check_adapter_folder, guard_cpu_4bit, load_model, lo
 from ..run import RunDir
 from ..run_lock import hold
 from ..train.lineage import parent_of
-from .scoring import language_metrics, preference_metrics, score_answers
+from .scoring import language_metrics, preference_metrics, score_examples
 
 log = logging.getLogger(__name__)
 # float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
@@ -73,24 +76,29 @@ def eval_rows(run: RunDir, split: str = "test") -> list[dict[str, Any]]:
 
 def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
                 label: str = "", seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Perplexity and bits per byte on the chosen answers; preference over (chosen, rejected) pairs."""
+    """Perplexity and bits per byte over every trained assistant token (cfg.train_on), and preference over the rows
+    with a rejected answer: the final answer against its rejected alternative, given the same earlier turns."""
     kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size,
               "progress": progress}
-    questions = [r["question"] for r in rows]
-    chosen = score_answers(model, tokenizer, questions, [r["answer"] for r in rows],
-                           desc=f"{label} chosen".strip(), **kwargs)
+    chosen = score_examples(model, tokenizer, rows, train_on=cfg.train_on, desc=f"{label} chosen".strip(), **kwargs)
     metrics = language_metrics(chosen)
-    pair_rows = [i for i in chosen.kept if rows[i].get("rejected")]
-    if pair_rows:
-        rejected = score_answers(model, tokenizer, [questions[i] for i in pair_rows],
-                                 [rows[i]["rejected"] for i in pair_rows], desc=f"{label} rejected".strip(), **kwargs)
-        at = {i: n for n, i in enumerate(chosen.kept)}
-        pairs = [(at[pair_rows[n]], n) for n in rejected.kept]
-        metrics.update(preference_metrics(
-            ([chosen.nats[j] for j, _ in pairs], [chosen.tokens[j] for j, _ in pairs]),
-            ([rejected.nats[k] for _, k in pairs], [rejected.tokens[k] for _, k in pairs]), seed=seed))
-    else:
+    pair_rows = [i for i, r in enumerate(rows) if r.get("rejected")]
+    if not pair_rows:
         metrics["pairs"] = 0
+        return metrics
+    pairs = [rows[i] for i in pair_rows]
+    if cfg.train_on == "last" or all(assistant_turns(r) == 1 for r in pairs):
+        final = chosen.subset(pair_rows)  # the tokens scored are the final answer's already
+    else:
+        final = score_examples(model, tokenizer, pairs, train_on="last", desc=f"{label} final".strip(), **kwargs)
+    rejected = score_examples(model, tokenizer, [{**r, "messages": with_answer(r, r["rejected"])} for r in pairs],
+                              train_on="last", desc=f"{label} rejected".strip(), **kwargs)
+    f_at = {i: n for n, i in enumerate(final.kept) if final.status[n] != "cut"}
+    r_at = {i: n for n, i in enumerate(rejected.kept) if rejected.status[n] != "cut"}
+    both = [(f_at[i], r_at[i]) for i in range(len(pairs)) if i in f_at and i in r_at]
+    metrics.update(preference_metrics(([final.nats[j] for j, _ in both], [final.tokens[j] for j, _ in both]),
+                                      ([rejected.nats[k] for _, k in both], [rejected.tokens[k] for _, k in both]),
+                                      seed=seed))
     return metrics
 
 
@@ -137,9 +145,11 @@ def load_columns(run: RunDir, cfg: TrainConfig, quantized: bool = False) -> Colu
     return Columns(model, ["base", *[n for n, _ in adapters]], labels, weights)
 
 
-def compare_generations(columns: Columns, tokenizer, questions: list[str], max_new_tokens: int, batch_size: int,
-                        system_prompt: str | None, seed: int, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """Greedy and sampled answers from every column, with the same settings and seed."""
+def compare_generations(columns: Columns, tokenizer, questions: list[str | list[dict[str, str]]], max_new_tokens: int,
+                        batch_size: int, system_prompt: str | None, seed: int,
+                        progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Greedy and sampled answers from every column, with the same settings and seed. A question is a user's text
+    or a conversation ending with a user turn (generate_answers)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for mode, sample in (("greedy", False), ("sampled", True)):
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
@@ -148,9 +158,34 @@ def compare_generations(columns: Columns, tokenizer, questions: list[str], max_n
         for name in columns.names:
             with columns.use(name) as model:
                 answers[name] = generate_answers(model, tokenizer, questions, **kwargs)
-        out[mode] = [{"question": q, **{name: _strip(answers[name][i]) for name in columns.names}}
-                     for i, q in enumerate(questions)]
+        first = answers[columns.names[0]]
+        out[mode] = [{"question": first[i]["question"], **({"context": first[i]["context"]} if "context" in first[i]
+                                                          else {}),
+                      **{name: _strip(answers[name][i]) for name in columns.names}} for i in range(len(questions))]
     return out
+
+
+def generation_prompts(rows: list[dict[str, Any]], n: int) -> list[str | list[dict[str, str]]]:
+    """The first n distinct prompts of the rows (each row's turns before its final answer), multi-turn ones first:
+    they show whether the model answers the last turn in the light of the earlier ones. One user turn stays text."""
+    seen: dict[str, str | list[dict[str, str]]] = {}
+    for row in sorted(rows, key=lambda r: assistant_turns(r) == 1):  # stable: file order within each kind
+        turns = conversation(row)[:-1]
+        prompt = turns[0]["content"] if len(turns) == 1 else turns
+        seen.setdefault(json.dumps(turns), prompt)
+        if len(seen) == n:
+            break
+    return list(seen.values())
+
+
+def no_pairs_note(run: RunDir, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> str | None:
+    """Why the report has no preference metrics, when it has none."""
+    if metrics.get("pairs"):
+        return None
+    if any(r.get("rejected") for r in rows):
+        return "every pair of this split is cut at max_length, so no final answer can be compared"
+    fmt = DataFormat.from_record(run.data_record())
+    return "the rows have no rejected answer" + (f": {without_rejected(fmt)}" if fmt else "")
 
 
 def length_summary(generations: dict[str, list[dict[str, Any]]], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -191,12 +226,14 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
             with columns.use(name) as model:
                 metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
                                             seed=seed, progress=progress)
-        questions = list(dict.fromkeys(r["question"] for r in rows))[:n_generations]
+        questions = generation_prompts(rows, n_generations)
         generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size,
                                           cfg.system_prompt, seed, progress) if questions else {}
         settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
                     "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
-                    "weights": columns.weights, "quantized": quantized, "sampling": _sampling_settings(columns.model)}
+                    "weights": columns.weights, "quantized": quantized, "sampling": _sampling_settings(columns.model),
+                    "train_on": cfg.train_on, "data": run.data_record(),
+                    "no_pairs": no_pairs_note(run, rows, metrics["base"])}
         report = build_report(run, cfg, settings, metrics, columns.labels, generations,
                               length_summary(generations, columns.names), time.time() - t0)
         write_report(run, report)

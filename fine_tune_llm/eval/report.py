@@ -117,18 +117,24 @@ def render_markdown(report: dict[str, Any]) -> str:
                      + " | ".join(_fmt(lengths[n]["mean_new_tokens"], 1) for n in names) + " |")
         lines.append("| Greedy answers that ended their turn by themselves | "
                      + " | ".join(f"{lengths[n]['ended_turn']}/{lengths[n]['answers']}" for n in names) + " |")
+    if s.get("no_pairs"):
+        lines += ["", f"No preference metrics: {s['no_pairs']}."]
     if base.get("pairs"):
         lines += [
             "",
-            (f"Preference pairs are (question, chosen, rejected). The chosen answer is the longer one in "
+            (f"Preference pairs are (prompt, chosen, rejected): the final answer against its rejected alternative, "
+             f"given the same earlier turns. The chosen answer is the longer one in "
             f"{100 * base['chosen_longer']:.1f}% of pairs. Every extra token lowers a summed log-likelihood, so the "
             f"raw-sum accuracy favours the shorter answer; the length-normalized accuracy and margin (mean log-prob "
             f"per answer token) are the fair ones. A preference stage can also learn \"longer\" instead of the "
             f"intended difference: compare the generated lengths across columns. Accuracy saturates when the base "
             f"model already prefers the chosen answers; the mean margin shows how far each stage moved."),
         ]
-    lines += ["", ("Perplexity = exp(total answer NLL / total answer tokens), over the answer and its end-of-turn "
-              "token, the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of the answers.")]
+    trained = ("the final assistant turn of each conversation" if s.get("train_on") == "last"
+               else "every assistant turn of each conversation")
+    lines += ["", (f"Perplexity = exp(total answer NLL / total answer tokens), over {trained} and its end-of-turn "
+                   f"token: the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of those "
+                   f"answers.{_data_line(s.get('data'))}")]
     for mode, rows in report.get("generations", {}).items():
         hits = report["hit_max_tokens"][mode]
         lines += ["", f"## Generations, {mode}"
@@ -137,7 +143,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       + ", ".join(f"{labels[n]} {hits[n]}" for n in names) + "."), "",
                   "| question | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
         for g in rows:
-            lines.append(f"| {_cell(g['question'])} | " + " | ".join(_cell(_answer(g[n])) for n in names) + " |")
+            lines.append(f"| {_prompt_cell(g)} | " + " | ".join(_cell(_answer(g[n])) for n in names) + " |")
     lines += ["", f"Wall time {report['wall_seconds']:.0f} s. Git commit {report['git'].get('commit')}"
               + (" (uncommitted changes)" if report["git"].get("dirty") else "") + ". Libraries: "
               + ", ".join(f"{k} {v}" for k, v in report["libraries"].items() if v) + ".", ""]
@@ -150,6 +156,21 @@ def _sampling(settings: dict[str, Any]) -> str:
 
 def _answer(a: dict[str, Any]) -> str:
     return a["answer"] + (" [hit max_new_tokens]" if a["hit_max_tokens"] else "")
+
+
+def _prompt_cell(generation: dict[str, Any]) -> str:
+    """The question, after the earlier turns of its conversation (if any), each named by its speaker."""
+    earlier = [f"*{m['role']}:* {_cell(m['content'])}" for m in generation.get("context", [])]
+    last = f"**user:** {_cell(generation['question'])}" if earlier else _cell(generation["question"])
+    return "<br>".join([*earlier, last])
+
+
+def _data_line(data: dict[str, Any] | None) -> str:
+    if not data or not data.get("format"):
+        return ""
+    return (f" Data read as format `{data['format']}` ({data.get('chosen_by', '')}): {data.get('rows', 0):,} rows, "
+            f"{data.get('multi_turn', 0):,} multi-turn, {data.get('assistant_turns', 0):,} assistant turns; split by "
+            f"{data.get('group_key', 'question')}.")
 
 
 def _cell(text: str) -> str:

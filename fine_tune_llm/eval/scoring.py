@@ -1,38 +1,47 @@
 """Log-likelihood of answers given their questions, and the numbers built on it.
 
-Every number here starts from the same per-answer pair (nats, tokens): the summed negative log-likelihood of the
-answer tokens and how many there were, with the answer mask training uses (chat.encode_batch: the answer plus
-the template's end-of-turn token). From those:
+Every number here starts from the same per-row pair (nats, tokens): the summed negative log-likelihood of the
+trained tokens and how many there were, with the mask training uses (data/tokenized.encode_examples: every
+assistant turn of a conversation, or the final one with train_on "last", each with the template's end-of-turn
+token). From those:
 - perplexity = exp(total nats / total tokens), token-weighted (a mean of per-batch means would weight a short
   answer in a small batch like a long one);
 - bits per byte = total nats / ln 2 / UTF-8 bytes of the answers, which compares across tokenizers;
-- preference: for (question, chosen, rejected) pairs, which answer the model finds more likely, per token
-  (length-normalized) and in total (raw sum).
+- preference: for (prompt, chosen, rejected) pairs, which final answer the model finds more likely given the
+  earlier turns, per token (length-normalized) and in total (raw sum).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import console
-from ..data.chat_template import build_messages, control_strings, encode_batch, sanitize
+from ..data.tokenized import encode_examples
 from ..model.loading import model_device
 
 
 @dataclass
 class Scored:
-    """Per-answer results in input order. Rows whose prompt alone fills max_length are left out (`kept`)."""
+    """Per-row results in input order. Rows whose prompt alone fills max_length are left out (`kept`)."""
 
     nats: list[float]
     tokens: list[int]
     bytes: list[int]
     kept: list[int]  # indices into the input lists
+    status: list[str] = field(default_factory=list)  # per kept row: ok, cut or truncated (encode_conversations)
+
+    def subset(self, rows: Sequence[int]) -> Scored:
+        """The results of the input rows `rows` (indices into the original input), indexed as that list is."""
+        at = {i: n for n, i in enumerate(self.kept)}
+        new = [(p, at[i]) for p, i in enumerate(rows) if i in at]
+        return Scored([self.nats[n] for _, n in new], [self.tokens[n] for _, n in new],
+                      [self.bytes[n] for _, n in new], [p for p, _ in new], [self.status[n] for _, n in new])
 
     @property
     def total_nats(self) -> float:
@@ -49,22 +58,12 @@ class Scored:
 
 def encode_answers(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int,
                    system_prompt: str | None = None) -> dict[str, list[Any]]:
-    """Exactly the tokens and answer mask training uses (training.tokenize_split calls the same encoder)."""
-    prompts = [build_messages(q, system_prompt) for q in questions]
-    enc = encode_batch(tokenizer, prompts, list(answers), max_length)
-    controls = control_strings(tokenizer)
-    enc["bytes"] = [_answer_bytes(tokenizer, controls, a, ids, mask, status)
-                    for a, ids, mask, status in zip(answers, enc["input_ids"], enc["completion_mask"], enc["status"])]
+    """One question and its answer per row: exactly the tokens and mask training uses for such a row. `bytes`: the
+    UTF-8 bytes of the answer text scored (the end-of-turn token adds none: it is markup)."""
+    examples = [{"row": n, "question": q, "answer": a} for n, (q, a) in enumerate(zip(questions, answers), start=1)]
+    enc = encode_examples(tokenizer, examples, max_length, system_prompt)
+    enc["bytes"] = enc["answer_bytes"]
     return enc
-
-
-def _answer_bytes(tokenizer, controls: list[str], answer: str, ids: list[int], mask: list[int], status: str) -> int:
-    """UTF-8 bytes of the answer text that was scored. The end-of-turn token adds no bytes: it is markup."""
-    if status == "ok":
-        return len(sanitize(answer, controls).strip().encode("utf-8"))
-    # Truncated: only the tokens that fit were scored, so count the bytes of exactly those.
-    answer_ids = [t for t, m in zip(ids, mask) if m]
-    return len(tokenizer.decode(answer_ids, skip_special_tokens=True).encode("utf-8"))
 
 
 @torch.inference_mode()
@@ -111,11 +110,24 @@ def score_answers(model, tokenizer, questions: Sequence[str], answers: Sequence[
                   progress: bool = True) -> Scored:
     """Encode (question, answer) pairs the way training does and score every answer that fits."""
     enc = encode_answers(tokenizer, questions, answers, max_length, system_prompt)
+    return score_encoded(model, tokenizer, enc, batch_size, desc, progress)
+
+
+def score_examples(model, tokenizer, examples: Sequence[dict[str, Any]], max_length: int,
+                   system_prompt: str | None = None, train_on: str = "all", batch_size: int = 8,
+                   desc: str | None = None, progress: bool = True) -> Scored:
+    """Encode examples (any format, multi-turn included) the way training does and score their trained tokens."""
+    enc = encode_examples(tokenizer, list(examples), max_length, system_prompt, train_on)
+    return score_encoded(model, tokenizer, enc, batch_size, desc, progress)
+
+
+def score_encoded(model, tokenizer, enc: dict[str, list[Any]], batch_size: int = 8, desc: str | None = None,
+                  progress: bool = True) -> Scored:
     kept = [i for i, s in enumerate(enc["status"]) if s != "too_long"]
     nats, tokens = score_tokens(model, [enc["input_ids"][i] for i in kept],
                                 [enc["completion_mask"][i] for i in kept], pad_id=_pad_id(tokenizer),
                                 batch_size=batch_size, desc=desc, progress=progress)
-    return Scored(nats, tokens, [enc["bytes"][i] for i in kept], kept)
+    return Scored(nats, tokens, [enc["answer_bytes"][i] for i in kept], kept, [enc["status"][i] for i in kept])
 
 
 def _pad_id(tokenizer) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import console
-from ..data.chat_template import build_messages, render_prompt, turn_end
+from ..data.chat_template import render_prompt, turn_end, with_system
 from .loading import model_device
 
 # Questions notebook 01 asks any model: everyday worries of the kind the psychology data holds.
@@ -45,13 +45,15 @@ def save_inference_files(tokenizer, model, out: Path) -> None:
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 128, do_sample: bool = False,
-                     seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
+def generate_answers(model, tokenizer, questions: Sequence[str | list[dict[str, str]]], max_new_tokens: int = 128,
+                     do_sample: bool = False, seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
                      progress: bool = True) -> list[dict[str, Any]]:
     """Answer each question through the chat template; stop at <eos> or the end of the model's turn.
 
-    Batches are padded on the left so every prompt ends where generation starts. `seconds` is the batch's wall
-    time shared equally by its answers. Sampling reseeds first, so base and tuned draw the same random stream.
+    A question is a user's text, or a conversation ending with a user turn: the answer is to that last turn, given
+    the earlier ones (whose result dict then carries them as `context`). Batches are padded on the left so every
+    prompt ends where generation starts. `seconds` is the batch's wall time shared equally by its answers.
+    Sampling reseeds first, so base and tuned draw the same random stream.
     """
     from transformers import set_seed
 
@@ -60,7 +62,8 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
     if not do_sample:  # greedy: drop sampling knobs a base config may carry, so transformers does not warn
         gen.update(temperature=None, top_p=None, top_k=None)
     stop_ids = set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
-    prompts = [render_prompt(tokenizer, build_messages(q, system_prompt)) for q in questions]
+    conversations = [[{"role": "user", "content": q}] if isinstance(q, str) else list(q) for q in questions]
+    prompts = [render_prompt(tokenizer, with_system(c, system_prompt)) for c in conversations]
     if do_sample:
         set_seed(seed)
     device, out = model_device(model), []
@@ -72,10 +75,12 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
                         padding_side="left", return_tensors="pt").to(device)
         ids = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].tolist()
         seconds = (time.perf_counter() - t0) / len(ids)
-        for question, new in zip(questions[start:start + batch_size], ids):
+        for turns, new in zip(conversations[start:start + batch_size], ids):
             stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
             kept = new if stop is None else new[:stop]
-            out.append({"question": question, "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            context = {"context": turns[:-1]} if len(turns) > 1 else {}
+            out.append({"question": turns[-1]["content"], **context,
+                        "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
                         "new_tokens": len(kept) + (stop is not None), "hit_max_tokens": stop is None,
                         "stopped_on": None if stop is None else tokenizer.convert_ids_to_tokens(new[stop]),
                         "seconds": round(seconds, 4)})

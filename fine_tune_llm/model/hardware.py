@@ -201,6 +201,11 @@ def check_environment(cfg, purpose: str = "train") -> None:
                                   f"{OFFLINE_HINT}; `--preset smollm2-135m` trains a real small chat model on CPU.")
     if purpose == "train":
         check_placement()
+    check_model_reachable(cfg)
+
+
+def check_model_reachable(cfg) -> None:
+    """The model (or just its tokenizer) is local, in the Hub cache, or reachable on the Hub: else one message."""
     if not is_local(cfg):
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             if not _in_hub_cache(cfg.base_model):

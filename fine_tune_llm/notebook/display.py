@@ -1,4 +1,5 @@
-"""What the notebooks show: the masked view of a training example, answer tables, a model summary.
+"""What the notebooks show: the masked view of a training example (multi-turn ones too), answer tables, a model
+summary.
 
 Every helper returns something that renders both in a notebook (HTML) and as plain text (a terminal, a
 headless run, a diff of executed notebooks), so the lesson reads the same everywhere.
@@ -76,12 +77,24 @@ def masked_view(tokenizer, input_ids: list[int], completion_mask: list[int]) -> 
                 f'<div style="{BOX_STYLE}">{"".join(spans)}</div>', f"{legend}\n{plain}")
 
 
+def trained_tokens(tokenizer, data, row: int | None = None, split: str = "train") -> Rich:
+    """The masked view of one training row of prepare_data's result: a multi-turn one when the data has one (each
+    assistant turn and its end-of-turn highlighted, system and user turns and role headers dimmed), else the first;
+    `row` picks a row by its 1-based number in the data file."""
+    from ..data.tokenized import pick_example
+
+    ds = data.tokenized[split]
+    example = ds[pick_example(ds, row)]
+    return masked_view(tokenizer, example["input_ids"], example["completion_mask"])
+
+
 def conversation_text(tokenizer, question: str, answer: str, system_prompt: str | None = None) -> str:
     """A question and its answer rendered through the model's chat template, as the model reads them."""
-    from ..data.chat_template import build_messages
+    from ..data.chat_template import prepare_turns, with_system
 
-    conv = build_messages(question, system_prompt) + [{"role": "assistant", "content": answer}]
-    return tokenizer.apply_chat_template(conv, tokenize=False)
+    conv = with_system([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                       system_prompt)
+    return tokenizer.apply_chat_template(prepare_turns(tokenizer, conv), tokenize=False)
 
 
 def table(df) -> Rich:
@@ -96,15 +109,15 @@ def table(df) -> Rich:
 
 
 def split_counts(splits: dict[str, list[dict[str, Any]]], tokenized: dict[str, Any] | None = None):
-    """Rows and distinct questions per split, and how many rows survived tokenization."""
+    """Rows and distinct prompts (group keys: a question, or a conversation's user turns) per split, and how many
+    rows survived tokenization."""
     import pandas as pd
 
-    from ..data.rows import normalize_question
+    from ..data.rows import group_key
 
     rows = []
     for name, examples in splits.items():
-        row = {"split": name, "rows": len(examples),
-               "questions": len({normalize_question(e["question"]) for e in examples})}
+        row = {"split": name, "rows": len(examples), "prompts": len({group_key(e) for e in examples})}
         if tokenized is not None:
             ds = tokenized[name]
             row["tokenized rows"] = len(ds)

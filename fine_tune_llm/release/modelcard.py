@@ -142,7 +142,8 @@ def validate_card(path: Path, kind: str) -> tuple[list[str], list[str], dict[str
 # --- body sections ------------------------------------------------------------------------------------------
 
 
-def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, int] | None) -> str:
+def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, int] | None,
+                 data: dict[str, Any] | None = None) -> str:
     if dataset:
         source = f"[{dataset}](https://huggingface.co/datasets/{dataset})"
     elif cfg.dataset == "sample":
@@ -155,10 +156,15 @@ def data_section(cfg: TrainConfig, dataset: str | None, split_sizes: dict[str, i
                   "`response_j`, empathetic and supportive, which the model was trained on, and `response_k`, "
                   "judgmental or dismissive, which was only used to evaluate whether the model prefers the "
                   "empathetic answer.")]
+    if data and data.get("format"):
+        lines += ["", (f"Read as format `{data['format']}`: {data.get('rows', 0):,} rows after dropping duplicates, "
+                       f"{data.get('multi_turn', 0):,} of them multi-turn conversations, "
+                       f"{data.get('assistant_turns', 0):,} assistant turns.")]
     if split_sizes:
         sizes = ", ".join(f"{name} {n:,}" for name, n in split_sizes.items())
-        lines += ["", (f"Rows per split ({sizes}) after dropping duplicates; the split is by question, so no "
-                  f"question appears in two splits (seed {cfg.seed}).")]
+        lines += ["", (f"Rows per split ({sizes}) after dropping duplicates; the split is by question (for a "
+                       f"conversation, its user turns), so no question or conversation appears in two splits "
+                       f"(seed {cfg.seed}).")]
     return "\n".join(lines)
 
 
@@ -168,13 +174,15 @@ def method_section(cfg: TrainConfig, base: str) -> str:
     return "\n".join([
         "## Method", "",
         (f"Supervised fine-tuning with LoRA adapters on every linear projection of `{base}`, whose "
-        f"frozen weights were loaded {quant}; compute in {cfg.dtype}. Each example is the question rendered with "
-        f"the model's chat template; the loss covers only the answer and its end-of-turn token, never the "
-        f"prompt. Trained with TRL's SFTTrainer by fine-tune-llm (preset `{cfg.preset}`)."),
+        f"frozen weights were loaded {quant}; compute in {cfg.dtype}. Each example is the conversation rendered "
+        f"with the model's chat template; the loss covers only "
+        f"{'the final answer' if cfg.train_on == 'last' else 'each assistant answer'} and its end-of-turn token, "
+        f"never the system or user turns. Trained with TRL's SFTTrainer by fine-tune-llm (preset `{cfg.preset}`)."),
         *([] if cfg.stage != "dpo" else ["", (
             f"Then a preference stage: the SFT adapter was trained further with TRL's DPOTrainer (loss "
             f"`{cfg.loss_type}`, beta {cfg.beta:g}, learning rate {cfg.learning_rate:g}) on pairs of the same "
-            f"training questions, chosen = the empathetic answer, rejected = the judgmental one, the reference "
+            f"training prompts, chosen = {'the empathetic answer' if is_psychology(cfg) else 'the trained answer'}, "
+            f"rejected = {'the judgmental one' if is_psychology(cfg) else 'the rejected one'}, the reference "
             f"policy being the SFT model itself; same chat template and answer masks. SFT run: "
             f"`{Path(cfg.sft_run or '').name}`.")]),
     ])
@@ -259,13 +267,15 @@ def evaluation_section(run: RunFiles) -> str:
     return "\n".join(lines)
 
 
-def limitations_section(base: str) -> str:
+def limitations_section(base: str, multi_turn: bool = False) -> str:
+    scope = ("- The training conversations are in English; other languages were not trained or evaluated."
+             if multi_turn else "- The training answers were written for single questions, in English; multi-turn "
+             "conversations and other languages were not trained or evaluated.")
     return "\n".join([
         "## Limitations", "",
         ("- The adapter changes tone and style more than knowledge: facts, reasoning and the base model's biases "
         f"are those of `{base}`."),
-        ("- The training answers were written for single questions, in English; multi-turn conversations and "
-        "other languages were not trained or evaluated."),
+        scope,
         ("- The evaluation is automatic (likelihoods and a preference between two answers), not a clinical or "
         "human assessment of helpfulness or safety."),
         "- Answers can be confident and wrong, and the model can repeat harmful content present in prompts.",
@@ -304,12 +314,14 @@ def split_sizes(run: RunFiles) -> dict[str, int] | None:
 def build_body(kind: str, run: RunFiles, title: str, summary: str, dataset: str | None,
                sizes: dict[str, int] | None, extra_sections: list[str] = (), usage_extra: str = "") -> str:
     cfg = run.cfg
+    data = run.run.data_record() if run.run else {}
     sections = [f"# {title}", "", summary, "", usage_section(kind, run.base_id, usage_extra), "",
-                data_section(cfg, dataset, sizes), "", method_section(cfg, run.base_id), "",
+                data_section(cfg, dataset, sizes, data), "", method_section(cfg, run.base_id), "",
                 hyperparameter_section(cfg, run), "", evaluation_section(run)]
     for s in extra_sections:
         sections += ["", s]
-    sections += ["", limitations_section(run.base_id), "", SAFETY_HEADING, "", SAFETY_NOTE]
+    sections += ["", limitations_section(run.base_id, bool(data.get("multi_turn"))), "", SAFETY_HEADING, "",
+                 SAFETY_NOTE]
     return "\n".join(sections)
 
 

@@ -2,7 +2,8 @@
 
     train_preference(cfg)              cfg from stages.preference_config(SFT_RUN, ...)
       the SFT run's saved split        no test question is trained on by either stage
-      encode_pairs                     the SFT template, masks, one <bos>, control strings stripped
+      encode_pairs                     the SFT template and masks (the final answer; a multi-turn prompt's earlier
+                                       turns as context), one <bos>, control strings stripped
       4-bit base + the SFT adapter     trainable, under PEFT's name "default"
       GuardedDPOTrainer                TRL copies "default" into a frozen "ref" adapter: the reference policy is the
                                        SFT model, with no second model in memory; its log-probs are computed once,
@@ -17,8 +18,9 @@ import time
 from typing import Any
 
 from ..config import TrainConfig
-from ..data.chat_template import build_messages, encode_batch
+from ..data.formats import with_answer
 from ..data.rows import check_pairs
+from ..data.tokenized import encode_examples
 from ..errors import DataError
 from ..model.hardware import check_environment, resolved
 from ..model.loading import (
@@ -43,14 +45,15 @@ REF_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]  # supplied by the data
 
 
 def encode_pairs(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: str = "pairs"):
-    """prompt_ids / chosen_ids / rejected_ids, split where SFT's answer mask starts: the same tokens SFT trained
-    on. Pairs where either answer would be cut at max_length are dropped (a truncated answer would be judged
-    without its end), and counted in the log."""
+    """prompt_ids / chosen_ids / rejected_ids, split where the final answer starts: the prompt holds every earlier
+    turn (a multi-turn prompt's earlier answers are context here), the answers are the tokens SFT trained on for
+    the final turn. Pairs where either conversation would be cut at max_length are dropped (a truncated answer would
+    be judged without its end), and counted in the log."""
     from datasets import Dataset
 
-    prompts = [build_messages(r["question"], cfg.system_prompt) for r in rows]
-    chosen = encode_batch(tokenizer, prompts, [r["answer"] for r in rows], cfg.max_length)
-    rejected = encode_batch(tokenizer, prompts, [r["rejected"] for r in rows], cfg.max_length)
+    rejected_rows = [{**r, "messages": with_answer(r, r["rejected"])} for r in rows]
+    chosen = encode_examples(tokenizer, rows, cfg.max_length, cfg.system_prompt, train_on="last")
+    rejected = encode_examples(tokenizer, rejected_rows, cfg.max_length, cfg.system_prompt, train_on="last")
     out: dict[str, list] = {"row": [], **{c: [] for c in PAIR_COLUMNS}}
     for row, c_ids, c_mask, c_ok, r_ids, r_mask, r_ok in zip(
             rows, chosen["input_ids"], chosen["completion_mask"], chosen["status"], rejected["input_ids"],
@@ -116,17 +119,25 @@ def load_policy(cfg: TrainConfig, sft: RunDir):
     return model
 
 
-def prepare_pairs(cfg: TrainConfig, run: RunDir, tokenizer) -> dict[str, Any]:
+def prepare_pairs(cfg: TrainConfig, run: RunDir, tokenizer, splits=None) -> dict[str, Any]:
     """The SFT run's train and validation rows (its saved split), checked as pairs and tokenized."""
-    splits = run.load_splits()
-    for name in ("train", "validation"):
-        check_pairs(splits[name], cfg.dataset)
+    splits = splits if splits is not None else run.load_splits()
+    check_split_pairs(cfg, splits)
     data = {name: encode_pairs(splits[name], tokenizer, cfg, name) for name in ("train", "validation")}
     if cfg.loss_type == "simpo":
         data = {name: simpo_offsets(ds, cfg) for name, ds in data.items()}
     if len(data["train"]) == 0:
         raise DataError(f"{cfg.dataset}: no training pairs fit max_length={cfg.max_length}")
     return data
+
+
+def check_split_pairs(cfg: TrainConfig, splits) -> None:
+    """Every train and validation row must be a usable pair; the error says why not, naming the data's format."""
+    from ..data.formats import DataFormat
+
+    fmt = DataFormat.from_record(getattr(splits, "summary", None))
+    for name in ("train", "validation"):
+        check_pairs(splits[name], cfg.dataset, fmt)
 
 
 def train_preference(cfg: TrainConfig, resume: bool | str | None = None) -> TrainResult:
@@ -143,11 +154,15 @@ def _train_preference(cfg: TrainConfig, run: RunDir, sft: RunDir, resume: bool |
 
     if run.parent_file.is_file():
         parent_of(run)  # refuses an SFT run whose adapter changed since this stage started from it
-    elif is_main_process():
-        record_parent(run, sft)
+        splits = run.load_splits()
+    else:  # rows without a usable rejected answer stop the stage before it writes anything
+        splits = sft.load_splits()
+        check_split_pairs(cfg, splits)
+        if is_main_process():
+            record_parent(run, sft)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    data = prepare_pairs(cfg, run, tokenizer)
+    data = prepare_pairs(cfg, run, tokenizer, splits)
     checkpoint = checkpoints.resume_point(run, resume, cfg)
     if is_main_process():
         from ..manifest import write_manifest
@@ -177,6 +192,6 @@ def _columns(pairs):
     return pairs.select_columns([c for c in PAIR_COLUMNS + REF_COLUMNS if c in pairs.column_names])
 
 
-__all__ = ["encode_pairs", "load_policy", "prepare_pairs", "train_preference"]
+__all__ = ["check_split_pairs", "encode_pairs", "load_policy", "prepare_pairs", "train_preference"]
 
 

@@ -1,7 +1,8 @@
 """The training job: data -> tokens -> 4-bit model + LoRA -> TRL's SFTTrainer -> adapter in the run directory.
 
     train(cfg)
-      prepare_data     read, check, split by question (saved into the run), tokenize with exact answer masks
+      prepare_data     read and check every row (any format), split by prompt group (saved into the run), tokenize
+                       with exact masks over every assistant turn
       load_model       4-bit base (model/loading.py) + LoRA on every linear projection
       build_trainer    TRL's SFTTrainer with our guards (train/trainers.py), resuming from the last complete checkpoint
       finish           adapter + tokenizer + generation config, trainer state, metrics CSVs and the loss plot
@@ -23,8 +24,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import TrainConfig
-from ..data.chat_template import build_messages, encode_batch
-from ..data.rows import load_splits
+from ..data.rows import config_splits
+from ..data.tokenized import tokenize_split
 from ..errors import DataError, TrainingDiverged
 from ..files import replace_folder, replaced
 from ..model import hardware
@@ -69,47 +70,13 @@ class PreparedData(NamedTuple):
     tokenized: dict[str, Any]
 
 
-def tokenize_split(rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, name: str = "split"):
-    """A datasets.Dataset with input_ids and completion_mask; rows whose prompt fills max_length dropped."""
-    from datasets import Dataset
-
-    ds = Dataset.from_list(rows) if rows else Dataset.from_dict({k: [] for k in ("row", "question", "answer")})
-
-    def encode(batch):
-        prompts = [build_messages(q, cfg.system_prompt) for q in batch["question"]]
-        return encode_batch(tokenizer, prompts, batch["answer"], cfg.max_length)
-
-    # An explicit fingerprint: otherwise datasets hashes `encode` by pickling everything it closes over, the
-    # tokenizer included (34 MB of vocabulary for Gemma), which took longer than the tokenizing itself
-    # (docs/results.md#data-preparation).
-    ds = ds.map(encode, batched=True, batch_size=1000, desc=f"Tokenizing {name}",
-                new_fingerprint=_encode_fingerprint(ds, tokenizer, cfg))
-    if len(ds) == 0:
-        return ds
-    status = ds["status"]
-    too_long = [r for r, s in zip(ds["row"], status) if s == "too_long"]
-    n_trunc = status.count("truncated")
-    if too_long:
-        log.warning("%s: skipped %d row(s) whose prompt alone fills max_length=%d (rows %s)", name, len(too_long),
-                    cfg.max_length, ", ".join(map(str, too_long[:10])))
-        ds = ds.filter(lambda s: s != "too_long", input_columns="status")
-    if n_trunc:
-        log.warning("%s: %d answer(s) truncated at max_length=%d", name, n_trunc, cfg.max_length)
-    return ds
+def split_data(cfg: TrainConfig):
+    """Read and check every row, dedupe and split the configured data (the one place a split is made: later stages
+    read the run's splits.json). A bad row stops here, before any tokenizer or model loads."""
+    return config_splits(cfg)
 
 
-def _encode_fingerprint(ds, tokenizer, cfg: TrainConfig) -> str:
-    """Names the tokenized dataset by what determines it: the input rows, tokenizer, template and settings."""
-    import hashlib
-
-    key = [ds._fingerprint, tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, cfg.max_length,
-           cfg.system_prompt, "encode_batch-v1"]
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-
-
-def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    """Split the configured data (the one place a split is made: later stages read the run's splits.json)."""
-    splits = load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction)
+def tokenize_splits(cfg: TrainConfig, splits, tokenizer) -> PreparedData:
     tokenized = {name: tokenize_split(rows, tokenizer, cfg, name) for name, rows in splits.items()}
     if len(tokenized["train"]) == 0:  # otherwise the Trainer's sampler fails with "num_samples=0"
         why = (f"all {len(splits['train'])} were skipped: their prompts fill max_length={cfg.max_length}; raise "
@@ -117,6 +84,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
                f"rows; raise --data-samples or lower --val-fraction/--test-fraction")
         raise DataError(f"{cfg.dataset}: no training rows ({why})")
     return PreparedData(splits, tokenized)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    """The configured data split and tokenized with exact masks over every trained assistant turn."""
+    return tokenize_splits(cfg, split_data(cfg), tokenizer)
 
 
 def sft_config(cfg: TrainConfig, run_dir: Path):
@@ -183,10 +155,11 @@ def train(cfg: TrainConfig, resume: bool | str | None = None, model=None, tokeni
 def _train(cfg: TrainConfig, run: RunDir, resume, model, tokenizer, data: PreparedData | None) -> TrainResult:
     from transformers import set_seed
 
-    run.path.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
+    splits = split_data(cfg) if data is None else None  # every row checked before anything loads or is written
     tokenizer = tokenizer or load_tokenizer(cfg)
-    data = data or prepare_data(cfg, tokenizer)
+    data = data or tokenize_splits(cfg, splits, tokenizer)
+    run.path.mkdir(parents=True, exist_ok=True)
     model = model or load_model(cfg)
     if not hasattr(model, "peft_config"):  # a notebook may wrap it first, to show the LoRA layers before training
         model = add_lora(model, cfg)
