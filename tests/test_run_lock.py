@@ -69,7 +69,12 @@ def test_the_lock_is_reentrant_within_a_process_and_other_ranks_take_none(tmp_pa
     run = RunDir.of(tmp_path / "run")
     with hold(run, "demo"), hold(run, "training"):  # the demo trains, then evaluates, under one hold
         assert json.loads(run.lock_file.read_text())["what"] == "demo"
+        (run.path / "config.yaml").write_text("{}\n")
     assert run.lock_file.read_text() == ""
+    fresh = RunDir.of(tmp_path / "fresh")
+    with hold(fresh, "training"):  # a start that stops before writing anything (bad data, say) ...
+        assert fresh.lock_file.is_file()
+    assert not fresh.path.exists()  # ... leaves no directory behind
     monkeypatch.setenv("RANK", "1")  # under a launcher, rank 0 holds the lock for the job
     with hold(tmp_path / "rank1", "training"):
         assert not (tmp_path / "rank1").exists()
