@@ -72,6 +72,14 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
 
 
+def completion_texts(tokenizer, answers: list[str], controls: list[str] | None = None) -> list[str]:
+    """Each answer as training learns it and scoring scores it: sanitized, stripped, then the template's end of
+    turn (the answer mask covers it, so a model is taught, and judged on, ending its turn)."""
+    controls = control_strings(tokenizer) if controls is None else controls
+    end = turn_end(tokenizer)
+    return [sanitize(a, controls).strip() + end for a in answers]
+
+
 def encode_batch(tokenizer, prompts: list[list[dict[str, str]]], answers: list[str],
                  max_length: int) -> dict[str, list[Any]]:
     """Tokenize prompt+answer pairs: input_ids, completion_mask (1 on answer + turn end) and a status.
@@ -80,10 +88,9 @@ def encode_batch(tokenizer, prompts: list[list[dict[str, str]]], answers: list[s
     such rows are dropped by the caller and counted in the log).
     """
     controls = control_strings(tokenizer)
-    end = turn_end(tokenizer)
     clean = [[{**m, "content": sanitize(m["content"], controls)} for m in p] for p in prompts]
     prompt_text = [render_prompt(tokenizer, p) for p in clean]
-    answer_text = [sanitize(a, controls).strip() + end for a in answers]
+    answer_text = completion_texts(tokenizer, answers, controls)
     # The rendered prompt already holds <bos>: add_special_tokens=False keeps it to exactly one.
     p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
