@@ -191,7 +191,7 @@ def _check_loads(manager, spec: str) -> None:
 
 def run_harness(harness: HarnessPlan, columns, cfg: TrainConfig, limit: int | None = None,
                 batch_size: int = 8) -> dict[str, dict[str, Any]]:
-    """{column: {"results": lm-eval's results with per-item samples, "seconds": wall time}}, every column through
+    """{column: {"results": lm-eval's results with per-item samples, "seconds", "cpu_seconds"}}, every column through
     the one loaded model, its adapters switched as for the report's other columns."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -204,11 +204,11 @@ def run_harness(harness: HarnessPlan, columns, cfg: TrainConfig, limit: int | No
     for name in columns.names:
         log.info("lm-evaluation-harness: %s on %s", ", ".join(Path(s).stem if s.endswith(YAML_SUFFIXES) else s
                                                               for s in harness.specs), columns.labels[name])
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         with columns.use(name):
             results = simple_evaluate(lm, tasks=list(harness.specs), task_manager=harness.manager, limit=limit,
                                       log_samples=True)
-        out[name] = {"results": results, "seconds": time.time() - t0}
+        out[name] = {"results": results, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0}
     return out
 
 
