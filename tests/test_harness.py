@@ -278,7 +278,8 @@ def test_evaluate_with_tasks_adds_the_table_to_report_runs_csv_and_harness_csv(r
     assert benchmark_lines({"harness": {"columns": ["base"], "rows": [{"top": True}]}}) == []
 
 
-def test_unknown_task_is_named_before_the_model_loads(run, offline, monkeypatch, capsys):
+def test_unknown_task_or_unloadable_data_is_named_before_the_model_loads(run, offline, monkeypatch, capsys,
+                                                                          tmp_path):
     from fine_tune_llm.cli import main
     from fine_tune_llm.eval import evaluate
 
@@ -286,3 +287,9 @@ def test_unknown_task_is_named_before_the_model_loads(run, offline, monkeypatch,
     assert main(["evaluate", run.output_dir, "--tasks", "heldout_pairs,no_such_task_xyz"]) == 2
     err = capsys.readouterr().err
     assert "'no_such_task_xyz' is not an lm-eval task" in err and "Traceback" not in err
+    # A task whose data lm-eval cannot load (here a missing local file; offline, a Hub dataset not yet cached).
+    config = harness.task_config("lost", tmp_path / "gone.jsonl")
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump(config))
+    assert main(["evaluate", run.output_dir, "--tasks", str(tmp_path / "lost.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"lm-eval could not load the data of '{tmp_path / 'lost.yaml'}'" in err and len(err.splitlines()) == 1
