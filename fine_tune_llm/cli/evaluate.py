@@ -92,5 +92,5 @@ def harness_summary(report: dict) -> list[str]:
 def _change(c: dict | None) -> str:
     if not c:
         return "n/a"
-    return f"{c['change']:+.4f}" + (f"±{c['stderr']:.4f}" if c["stderr"] is not None else "") + \
-        (" DROP" if c["flagged"] else "")
+    se = f"±{c['stderr']:.4f}" if c["stderr"] is not None else ""
+    return f"{c['change']:+.4f}{se}" + (" DROP" if c["flagged"] else "")

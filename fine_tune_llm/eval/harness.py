@@ -25,7 +25,13 @@ from typing import Any
 import yaml
 
 from ..config import TrainConfig
-from ..data.chat_template import build_messages, completion_texts, encode_batch, render_prompt
+from ..data.chat_template import (
+    build_messages,
+    completion_texts,
+    control_strings,
+    encode_batch,
+    render_prompt,
+)
 from ..errors import ConfigError, EnvironmentNotReady
 from ..files import write_atomic
 from ..run import RunDir
@@ -102,11 +108,13 @@ def pair_items(tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]]) -> tuple
     prompts = [build_messages(r["question"], cfg.system_prompt) for r in pairs]
     chosen = encode_batch(tokenizer, prompts, [r["answer"] for r in pairs], cfg.max_length)["status"]
     rejected = encode_batch(tokenizer, prompts, [r["rejected"] for r in pairs], cfg.max_length)["status"]
+    controls = control_strings(tokenizer)
     items = []
     for row, prompt, a, b in zip(pairs, prompts, chosen, rejected):
         if a == b == "ok":
             items.append({"row": row.get("row"), "context": render_prompt(tokenizer, prompt),
-                          "choices": completion_texts(tokenizer, [row["answer"], row["rejected"]]), "gold": 0})
+                          "choices": completion_texts(tokenizer, [row["answer"], row["rejected"]], controls),
+                          "gold": 0})
     return items, len(pairs) - len(items)
 
 
