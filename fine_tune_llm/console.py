@@ -108,6 +108,16 @@ def quiet_libraries() -> None:
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _DropMessage) for f in bnb.filters):
         bnb.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # lm-evaluation-harness narrates every task at INFO (its seeds, its contexts, a line per subtask: 57 for MMLU);
+    # eval/harness.py logs one line per column instead. Its warnings still show.
+    if logging.getLogger("lm_eval").level == logging.NOTSET:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # lm-evaluation-harness warns whenever it is handed a loaded model instead of a name; eval/harness.py does so on
+    # purpose (the report's own columns), in one process (lm_eval/models/huggingface.py, HFLM.__init__).
+    hflm = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _DropMessage) for f in hflm.filters):
+        hflm.addFilter(_DropMessage("`pretrained` model kwarg is not of type `str`"))
+        hflm.addFilter(_DropMessage("Passed an already-initialized model through `pretrained`"))
     # transformers 5 deprecated `PreTrainedModel.is_gradient_checkpointing`; peft 0.21's PeftModel.__init__ still
     # reads it (peft/peft_model.py), so every LoRA model creation warns about code we do not own.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,

@@ -7,6 +7,7 @@
     RUN/release/<stage>/     release folders (adapter, merged, gguf)
     RUN/sft_run.json         (a preference stage) the SFT run it continued and that run's adapter hash
     RUN/trace/               per-rank row traces (debugging data sharding; off by default)
+    RUN/harness/             lm-evaluation-harness task files built from the run's split (evaluate --tasks)
     RUN/metrics/, RUN/imgs/  the run's own exported curves and plot (the demo's: the checkout stays clean)
     RUN/.lock                who writes the run now (run_lock.py: one writer per run directory)
     RUN/.adapter.partial/    the adapter being saved; it replaces adapter/ only once whole
@@ -122,6 +123,11 @@ class RunDir:
     def trace_dir(self) -> Path:
         """Debug traces of which rows each process trained on (train/rowtrace.py; off unless asked for)."""
         return self.path / "trace"
+
+    @property
+    def harness_dir(self) -> Path:
+        """Task files for lm-evaluation-harness built from the run's own split (eval/harness.py)."""
+        return self.path / "harness"
 
     @property
     def metrics_dir(self) -> Path:

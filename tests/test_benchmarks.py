@@ -124,3 +124,16 @@ def test_the_committed_cpu_measurements_meet_the_speed_and_memory_goals():
     assert all(0 < float(r["mfu"]) <= 1 for r in rows)
     loss = {name: float(median[name]["heldout_loss"]) for name in ("ours", "ours-seed2", "trl-default")}
     assert abs(loss["ours"] - loss["trl-default"]) <= abs(loss["ours"] - loss["ours-seed2"])  # the noise floor
+
+
+def test_the_committed_harness_check_agrees_with_our_scorer_on_every_pair():
+    """metrics/bench_harness_smollm2.csv as benchmarks/harness_check.py wrote it for the SmolLM2 run: lm-eval's acc
+    on the held-out pairs is our raw-sum accuracy, on the same pairs, for base and SFT; no pair's sign differs."""
+    with open(REPO / "metrics" / "bench_harness_smollm2.csv", newline="") as fh:
+        rows = {r["column"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"base", "SFT"}
+    for r in rows.values():
+        assert int(r["pairs"]) == int(r["lm_eval_pairs"]) >= 250
+        assert float(r["lm_eval_acc"]) == float(r["ours_accuracy_sum"])
+        assert int(r["sign_disagreements"]) == 0 and float(r["max_abs_margin_diff"]) < 1e-3
+    assert float(rows["SFT"]["ours_accuracy_sum"]) > float(rows["base"]["ours_accuracy_sum"])  # not a constant

@@ -56,6 +56,20 @@ def test_library_noise_is_filtered_by_message_and_nothing_else():
     finally:
         bnb.removeHandler(handler)
     assert stream.getvalue() == "something a user can act on\n"
+    # lm-eval: its INFO narration is off, and of its warnings only the two about being handed a loaded model go.
+    hflm = logging.getLogger("lm_eval.models.huggingface")
+    assert logging.getLogger("lm_eval").level == logging.WARNING and len(hflm.filters) == 2
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    hflm.addHandler(handler)
+    try:
+        hflm.warning("`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored.")
+        hflm.warning("Passed an already-initialized model through `pretrained`, assuming single-process call")
+        hflm.info("Using device 'cpu'")
+        hflm.warning("Combined length of context (9) and continuation (9) exceeds model's maximum length (8).")
+    finally:
+        hflm.removeHandler(handler)
+    assert stream.getvalue() == "Combined length of context (9) and continuation (9) exceeds model's maximum length (8).\n"
     with warnings.catch_warnings(record=True) as caught:
         warnings.resetwarnings()
         quiet_libraries()

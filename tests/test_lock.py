@@ -78,3 +78,24 @@ def test_checker_sees_an_overlap():
     ]}
     env = dict(default_environment(), platform_system="Linux")
     assert overlaps(lock, env) == {"b": ["1", "2"]}
+
+
+def _make_dry_run(target: str) -> list[str]:
+    """The commands `make TARGET` would run from scratch (-B: as if nothing were installed), without running them."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    env = {**os.environ, "POETRY_PYPI_MIRROR_URL": "https://mirror.invalid/simple"}  # skips the pip lookup
+    proc = subprocess.run(["make", "-n", "-B", target], cwd=LOCK.parent, env=env, capture_output=True, text=True,
+                          check=True, timeout=60)
+    return [line for line in proc.stdout.splitlines() if "poetry install" in line]
+
+
+def test_demo_installs_the_main_group_only_and_install_eval_adds_the_harness():
+    demo = _make_dry_run("demo")
+    assert demo and all(line.endswith("install --compile --only main") for line in demo), demo
+    assert _make_dry_run("install-eval")[-1].endswith("install --compile --only main,eval")
+    assert any(line.endswith("--only main,eval") for line in _make_dry_run("test"))  # CI runs the harness tests

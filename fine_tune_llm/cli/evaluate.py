@@ -16,6 +16,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampled generations and the bootstrap")
     p.add_argument("--quantized", action="store_true",
                    help="score the 4-bit base as trained instead of the released (unquantized) weights; labelled so")
+    p.add_argument("--tasks", default=None,
+                   help="also run EleutherAI's lm-evaluation-harness on every column: comma-separated lm-eval task "
+                        "names, task YAML files (local data works offline), a YAML file listing them, or "
+                        "heldout_pairs (the split's preference pairs as a two-choice task); needs `make install-eval`")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="with --tasks: the first N items of each task only (a quick look, not a score)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +37,17 @@ def run(args: argparse.Namespace) -> int:
 
         report = evaluate_run(run, split=args.split, batch_size=args.batch_size,
                               n_generations=args.n_generations, max_new_tokens=args.max_new_tokens,
-                              metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized)
+                              metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized,
+                              tasks=args.tasks, limit=args.limit)
     print(summary(report))
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def summary(report: dict) -> str:
@@ -60,7 +74,32 @@ def summary(report: dict) -> str:
         lines.append(f"  {'greedy answers that ended':30s}"
                      + "".join(f"{str(lengths[n]['ended_turn']) + '/' + str(lengths[n]['answers']):>16s}"
                                for n in names))
+    lines += harness_summary(report)
     lines.append(f"  report: {report['run_dir']}/report.md")
     if report.get("plot"):
         lines.append(f"  plot:   {report['plot']}")
     return "\n".join(lines)
+
+
+def harness_summary(report: dict) -> list[str]:
+    """The harness table's top rows: task/metric, a value per column, each change and its flag."""
+    h = report.get("harness")
+    if not h:
+        return []
+    labels = report.get("columns") or {}
+    names = h["columns"]
+    lines = [f"  {'lm-eval task/metric':30s}" + "".join(f"{labels.get(n, n):>16s}" for n in names)
+             + "".join(f"{'change ' + labels.get(n, n):>22s}" for n in names[1:])]
+    for r in (r for r in h["rows"] if r["top"]):
+        values = "".join(f"{r['values'][n]:16.4f}" if r["values"].get(n) is not None else f"{'n/a':>16s}"
+                         for n in names)
+        changes = "".join(f"{_change(r['changes'].get(n)):>22s}" for n in names[1:])
+        lines.append(f"  {(r['task'] + '/' + r['metric'])[:30]:30s}{values}{changes}")
+    return lines
+
+
+def _change(c: dict | None) -> str:
+    if not c:
+        return "n/a"
+    se = f"±{c['stderr']:.4f}" if c["stderr"] is not None else ""
+    return f"{c['change']:+.4f}{se}" + (" DROP" if c["flagged"] else "")

@@ -205,6 +205,14 @@ def _assemble(tokenizer, out: dict[str, list[Any]], row: list[tuple[str, str]], 
     out["answer_bytes"].append(answer_bytes)
 
 
+def completion_texts(tokenizer, answers: list[str], controls: list[str] | None = None) -> list[str]:
+    """Each answer as training learns it and scoring scores it: sanitized, stripped, then the template's end of
+    turn (the answer mask covers it, so a model is taught, and judged on, ending its turn)."""
+    controls = control_strings(tokenizer) if controls is None else controls
+    end = turn_end(tokenizer)
+    return [sanitize(a, controls).strip() + end for a in answers]
+
+
 def encode_batch(tokenizer, prompts: list[list[dict[str, str]]], answers: list[str],
                  max_length: int) -> dict[str, list[Any]]:
     """Tokenize prompt+answer pairs (each prompt a conversation ending with a user turn): encode_conversations."""

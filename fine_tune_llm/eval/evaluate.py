@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from ..model.loading import check_adapter_folder, guard_cpu_4bit, load_model, lo
 from ..run import RunDir
 from ..run_lock import hold
 from ..train.lineage import parent_of
+from . import harness as lm_harness
+from . import harness_report
 from .scoring import language_metrics, preference_metrics, score_examples
 
 log = logging.getLogger(__name__)
@@ -208,19 +211,25 @@ def _strip(answer: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
-                 progress: bool = True, quantized: bool = False) -> dict[str, Any]:
-    """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row."""
+                 progress: bool = True, quantized: bool = False, tasks: str | Sequence[str] | None = None,
+                 limit: int | None = None) -> dict[str, Any]:
+    """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row.
+
+    tasks: lm-evaluation-harness tasks run on the same columns too (eval/harness.py), `limit` items of each."""
     from .report import append_runs_csv, build_report, write_report
     from .report_plot import plot_report
 
     t0 = time.time()
+    if tasks:
+        lm_harness.require_lm_eval()  # at once, before the run is even read
     run = RunDir.of(run_dir)
     cfg = run.read_config()
     with hold(run, "evaluation", create=False):  # it writes the run's report: one writer per run directory
         check_environment(cfg, purpose="evaluate")
         rows = eval_rows(run, split)
-        columns = load_columns(run, cfg, quantized)
         tokenizer = load_tokenizer(cfg)
+        harness = lm_harness.plan(run, cfg, tokenizer, rows, tasks, split) if tasks else None
+        columns = load_columns(run, cfg, quantized)
         metrics = {}
         for name in columns.names:
             with columns.use(name) as model:
@@ -234,10 +243,16 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
                     "weights": columns.weights, "quantized": quantized, "sampling": _sampling_settings(columns.model),
                     "train_on": cfg.train_on, "data": run.data_record(),
                     "no_pairs": no_pairs_note(run, rows, metrics["base"])}
+        # Last: lm-eval reseeds the global random generators.
+        raw = lm_harness.run_harness(harness, columns, cfg, limit, batch_size) if harness else None
         report = build_report(run, cfg, settings, metrics, columns.labels, generations,
                               length_summary(generations, columns.names), time.time() - t0)
+        if harness:
+            report["harness"] = lm_harness.summary(raw, harness, limit)
         write_report(run, report)
         append_runs_csv(Path(metrics_dir or cfg.metrics_dir) / "runs.csv", report)
+        if harness:
+            harness_report.append_csv(Path(metrics_dir or cfg.metrics_dir) / "harness.csv", report)
         report["plot"] = str(plot_report(report, cfg.imgs_dir))
     return report
 

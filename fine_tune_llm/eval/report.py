@@ -13,13 +13,14 @@ from ..config import TrainConfig
 from ..files import locked_append, write_atomic
 from ..manifest import git_state, hardware, library_versions
 from ..run import RunDir
+from . import harness_report
 
 RUNS_COLUMNS = [
     "created", "run", "run_dir", "base_model", "preset", "global_step", "split", "answers", "pairs",
     "base_perplexity", "tuned_perplexity", "base_bits_per_byte", "tuned_bits_per_byte",
     "base_accuracy_normalized", "tuned_accuracy_normalized", "base_accuracy_sum", "tuned_accuracy_sum",
     "base_mean_margin", "tuned_mean_margin", "tuned_margin_ci95_low", "tuned_margin_ci95_high",
-    "tuned_hit_max_tokens_greedy", "git_commit", "wall_seconds",
+    "tuned_hit_max_tokens_greedy", "harness_drops", "git_commit", "wall_seconds",
 ]
 
 
@@ -135,6 +136,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", (f"Perplexity = exp(total answer NLL / total answer tokens), over {trained} and its end-of-turn "
                    f"token: the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of those "
                    f"answers.{_data_line(s.get('data'))}")]
+    harness = harness_report.markdown(report)
+    lines += ["", *harness] if harness else []
     for mode, rows in report.get("generations", {}).items():
         hits = report["hit_max_tokens"][mode]
         lines += ["", f"## Generations, {mode}"
@@ -187,6 +190,7 @@ def runs_row(report: dict[str, Any]) -> dict[str, Any]:
         "pairs": base.get("pairs", 0), "tuned_margin_ci95_low": ci[0], "tuned_margin_ci95_high": ci[1],
         "tuned_hit_max_tokens_greedy": report["hit_max_tokens"].get("greedy", {}).get("tuned"),
         "git_commit": report["git"].get("commit"), "wall_seconds": report["wall_seconds"],
+        "harness_drops": harness_report.drops(report),  # the table itself: harness.csv
     }
     for key in ("perplexity", "bits_per_byte", "accuracy_normalized", "accuracy_sum", "mean_margin"):
         row[f"base_{key}"], row[f"tuned_{key}"] = base.get(key), tuned.get(key)

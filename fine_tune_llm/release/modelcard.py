@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..eval import harness_report
 from ..run import ADAPTER_CONFIG_FILE
 from .common import RunFiles, is_hub_id
 
@@ -264,7 +265,17 @@ def evaluation_section(run: RunFiles) -> str:
     if isinstance(greedy, dict) and "tuned" in greedy:
         lines += ["", ("Greedy answers that hit the token limit without ending their turn: "
                   + ", ".join(f"{labels.get(k, k)} {greedy.get(k)}" for k in names if k in greedy) + ".")]
-    return "\n".join(lines)
+    return "\n".join(lines + benchmark_lines(report))
+
+
+def benchmark_lines(report: dict[str, Any]) -> list[str]:
+    """The standard-benchmark table (`evaluate --tasks`), when the report has one; a malformed one is left out."""
+    try:
+        table = harness_report.markdown(report, heading="###")
+    except (KeyError, TypeError, AttributeError, ValueError):
+        log.warning("the harness results in report.json are malformed: the card leaves them out")
+        return []
+    return ["", *table] if table else []
 
 
 def limitations_section(base: str, multi_turn: bool = False) -> str:
