@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from ..run import RunDir
     from ..run_lock import hold
 
+    if args.tasks:
+        from ..eval.harness import require_lm_eval
+
+        require_lm_eval()  # the optional group, named at once, before the run is even read
     run = RunDir.of(args.run_dir)
     run.read_config()  # a folder that is no run is named before anything loads
     # Held before torch is imported, so a second writer of this run directory stops in a second or two.
