@@ -7,6 +7,8 @@ package (and starting the CLI) pulls in no ML library.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -27,13 +29,14 @@ _OWNERS = {
     "release_adapter": "release", "merge_adapter": "release", "export_gguf": "release",
     "push_folder": "release", "check_folder": "release",
     "repo_path": "notebook.paths", "interactive": "notebook.paths",
+    "open_tensorboard": "notebook.tensorboard_server",
 }
 # name -> a module exported whole: `show` holds what the notebooks display (tables, the masked view).
 _MODULES = {"show": "notebook.display"}
 __all__ = ["EXAMPLE_QUESTIONS", "PRESETS", "RunDir", "TrainConfig", "TrainResult", "add_lora",
            "build_messages", "check_environment", "check_folder", "evaluate_run", "export_gguf",
            "export_run", "generate_answers", "generation_config", "interactive", "load_for_eval",
-           "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config",
+           "load_model", "load_tokenizer", "make_config", "merge_adapter", "open_tensorboard", "preference_config",
            "prepare_data", "push_folder", "release_adapter", "render_prompt", "repo_path", "show", "train",
            "train_preference"]
 
@@ -44,3 +47,21 @@ def __getattr__(name: str) -> Any:
     if name not in _OWNERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_OWNERS[name]}", __name__), name)
+
+
+class _PublicSurface(types.ModuleType):
+    """The package module, keeping each public name bound to what `_OWNERS` says.
+
+    Importing a subpackage binds its name on the parent package, and the stage folder `train/` shares its name with
+    the public function `train`: once anything imported `fine_tune_llm.train.sft`, `from fine_tune_llm import train`
+    would give the folder, not the function. The folder stays importable by its dotted name
+    (`from fine_tune_llm.train.sft import ...`, sys.modules); only the shadowing attribute is not set.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWNERS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicSurface

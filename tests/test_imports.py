@@ -159,6 +159,17 @@ def test_the_public_surface_names_what_it_exports():
         assert getattr(fine_tune_llm, name).__name__ == name
 
 
+def test_the_public_train_is_the_function_even_after_the_train_folder_is_imported():
+    """`train` names both a public function and the stage folder train/; importing a module of the folder binds
+    the folder's name on the package, which made `from fine_tune_llm import train` (notebook 02) the folder."""
+    import fine_tune_llm.train.lineage  # noqa: F401 - what a notebook's earlier `import prepare_data` also does
+    from fine_tune_llm import train
+    from fine_tune_llm.train import sft
+
+    assert train is sft.train
+    assert sft.__name__ == "fine_tune_llm.train.sft"  # the folder's modules still import by their dotted names
+
+
 def test_the_notebooks_import_only_the_public_surface():
     import json
 
