@@ -3,9 +3,14 @@ start nothing; a server that cannot start is one line, not an exception that sto
 
 from __future__ import annotations
 
+import functools
+import http.server
+import re
 import shutil
 import socket
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,3 +78,28 @@ def test_a_headless_run_prints_the_command_and_starts_nothing(tmp_path, monkeypa
     monkeypatch.setattr(board, "start_server", lambda *a, **k: pytest.fail("a headless run started a server"))
     assert board.open_tensorboard(tmp_path) is None
     assert capsys.readouterr().out.startswith(f"headless run: view the logs with  {' '.join(board.tensorboard_command())}")
+
+
+def test_the_frame_points_at_localhost_from_a_saved_page(tmp_path):
+    """TensorBoard's own frame put the port on the page's address: file:/// in a saved HTML page (a listing of the
+    viewer's disk) and a vscode-webview:// address in VS Code. A page not served over http(s) gets localhost."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium to run the frame's script")
+    page = tmp_path / "saved.html"
+    page.write_text(f"<html><body>{board.frame(6123, 300).data}</body></html>")
+
+    def frame_src(url: str) -> str:
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        return re.search(r'<iframe[^>]* src="([^"]*)"', dom)[1]
+
+    assert frame_src(page.as_uri()) == "http://localhost:6123/"
+    # Served over http (Jupyter, JupyterHub): the same host, on TensorBoard's port.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            assert frame_src(f"http://127.0.0.1:{server.server_address[1]}/saved.html") == "http://127.0.0.1:6123/"
+        finally:
+            server.shutdown()

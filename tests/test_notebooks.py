@@ -146,6 +146,7 @@ def fine_tuned(tmp_path_factory):
         try:
             execute(nb, NOTEBOOKS, mp, interactive=True, on_cell_executed=ask_the_server)
         finally:
+            nbformat.write(nb, tmp / "executed.ipynb")  # to read, or render (jupyter nbconvert --to html), after a failure
             pid = (served.get("board") or {}).get("pid")
             if pid:  # the kernel's exit stops the server; the deadline is the test's, the kill is a safety net
                 deadline = time.monotonic() + 20

@@ -3,8 +3,8 @@
 `%tensorboard` runs the `tensorboard` program it finds on PATH. A kernel started on the project's `.venv/bin/python`
 without activating the environment (`.venv/bin/jupyter lab`, VS Code, most kernel launchers) has no `.venv/bin` on
 its PATH, and the magic fails with "Could not find tensorboard". Here the server is started from the kernel's own
-interpreter's folder, on a free port, and shown with TensorBoard's own notebook frame; the URL is printed too,
-for frontends whose frame stays blank. The server stops with the kernel.
+interpreter's folder, on a free port, and shown in an inline frame; the URL is printed too, for frontends whose
+frame stays blank. The server stops with the kernel.
 """
 
 from __future__ import annotations
@@ -139,10 +139,36 @@ def open_tensorboard(log_dir: str | Path, port: int | None = None, height: int =
             return None
     print(f"TensorBoard serves {log_dir} at {server.url}\nIf the frame below stays blank (VS Code without port "
           f"forwarding), open that address in a browser. The server stops with the kernel.")
-    from tensorboard import notebook
+    if "google.colab" in sys.modules:  # Colab reaches a kernel's ports only through its proxy, which this display knows
+        from tensorboard import notebook
 
-    notebook.display(port=server.port, height=height)
+        notebook.display(port=server.port, height=height)
+    else:
+        from IPython.display import display
+
+        display(frame(server.port, height))
     return server
+
+
+# TensorBoard's own notebook frame puts its port on the page's address, which works where Jupyter serves the page over
+# http(s), but gives file:/// in a saved HTML page and a vscode-webview:// address in VS Code. Those get localhost.
+FRAME = """<iframe id="{id}" title="TensorBoard" width="100%" height="{height}" frameborder="0"></iframe>
+<script>
+(function () {{
+  var here = window.location;
+  var url = /^https?:$/.test(here.protocol) ? new URL("/", here.href) : new URL("http://localhost/");
+  url.port = "{port}";
+  document.getElementById("{id}").src = url.href;
+}})();
+</script>"""
+
+
+def frame(port: int, height: int = 600):
+    """An inline frame on the TensorBoard at port: the notebook server's host where Jupyter serves the page, else
+    localhost."""
+    from IPython.display import HTML
+
+    return HTML(FRAME.format(id=f"tensorboard-frame-{port}-{time.monotonic_ns()}", port=port, height=height))
 
 
 def _tail(path: Path, chars: int = 600) -> str:
