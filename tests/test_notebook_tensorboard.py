@@ -33,7 +33,6 @@ def test_it_serves_the_logs_with_no_tensorboard_on_path(shown, tmp_path, monkeyp
     monkeypatch.setenv("PATH", path_without_tensorboard())
     assert shutil.which("tensorboard") is None
     server = shown(tmp_path)
-    assert server.port == board.DEFAULT_PORT or board.answers(f"http://localhost:{board.DEFAULT_PORT}/")
     assert get_json(server.url + "data/logdir")["logdir"] == str(tmp_path.resolve())
     printed = capsys.readouterr().out
     assert server.url in printed and "ERROR" not in printed
