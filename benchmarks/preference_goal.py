@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/preference_goal.py                       # SmolLM2-135M from ../shared, 2,000 SFT rows
     .venv/bin/python benchmarks/preference_goal.py --settings sigmoid:0.1:2e-5 --dpo-max-steps 60   # one setting
+    .venv/bin/python benchmarks/preference_goal.py --preset tiny --settings sigmoid:0.1:1.5e-4 --dpo-max-steps 20 \
+        --generations 5 --max-new-tokens 128 --out metrics/bench_preference_tiny.csv    # the offline toy, seconds
 
 One SFT run (the smollm2-135m preset on --data-samples rows: 80% train), evaluated (base / SFT), then one DPO
 stage per setting (loss_type:beta:learning_rate) from that SFT run, on the same training questions, each
@@ -82,6 +84,9 @@ def write_rows(path: str, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="smollm2-135m", choices=["smollm2-135m", "tiny"],
+                   help="tiny: the offline toy on its shipped sample, as notebook 02 runs it (--model, --data and "
+                        "--data-samples are not used)")
     p.add_argument("--model", default=str(SMOL_GGUF))
     p.add_argument("--data", default=str(REAL_DATA))
     p.add_argument("--data-samples", type=int, default=2500, help="rows kept: 80%% train (2,000 of 2,500)")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="runs/preference-goal")
     p.add_argument("--out", default="metrics/bench_preference_smollm2.csv")
     args = p.parse_args(argv)
-    for path in (args.model, args.data):
+    for path in (args.model, args.data) if args.preset == "smollm2-135m" else ():
         if not Path(path).is_file():
             print(f"missing {path}: this benchmark needs ../shared (the real model and data)", file=sys.stderr)
             return 2
@@ -117,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
         sft, sft_seconds = RunDir.of(args.sft_run), None
     else:
-        sft_cfg = make_config("smollm2-135m", base_model=args.model, dataset=args.data, data_samples=args.data_samples,
-                              output_dir=str(root / "sft"), **common)
+        real = {"base_model": args.model, "dataset": args.data, "data_samples": args.data_samples}
+        sft_cfg = make_config(args.preset, output_dir=str(root / "sft"), **common,
+                              **(real if args.preset == "smollm2-135m" else {}))
         sft = train(sft_cfg, resume=False).run
         sft_seconds = round(time.perf_counter() - t0)
         print(f"SFT: {sft_seconds} s", flush=True)

@@ -29,13 +29,14 @@ _OWNERS = {
     "release_adapter": "release", "merge_adapter": "release", "export_gguf": "release",
     "push_folder": "release", "check_folder": "release",
     "repo_path": "notebook.paths", "interactive": "notebook.paths",
+    "open_tensorboard": "notebook.tensorboard_server",
 }
 # name -> a module exported whole: `show` holds what the notebooks display (tables, the masked view).
 _MODULES = {"show": "notebook.display"}
 __all__ = ["EXAMPLE_QUESTIONS", "PRESETS", "RunDir", "TrainConfig", "TrainResult", "add_lora",
            "build_messages", "check_environment", "check_folder", "evaluate_run", "export_gguf",
            "export_run", "generate_answers", "generation_config", "interactive", "load_for_eval",
-           "load_model", "load_tokenizer", "make_config", "merge_adapter", "preference_config",
+           "load_model", "load_tokenizer", "make_config", "merge_adapter", "open_tensorboard", "preference_config",
            "prepare_data", "push_folder", "release_adapter", "render_prompt", "repo_path", "show", "train_preference",
            "train_sft"]
 

@@ -113,6 +113,16 @@ def test_model_summary_of_a_4bit_lora_model(tiny_cfg):
     assert info["memory footprint"] == f"{memory_footprint_mb(model):,.1f} MB"
 
 
+def test_recipe_shows_what_the_preset_and_the_knobs_made():
+    from fine_tune_llm.config import make_config
+
+    tiny = display.recipe(make_config("tiny"))["value"]
+    assert (tiny["LoRA"], tiny["learning rate"], tiny["length"]) == ("r=8, alpha=16", "0.003", "30 optimizer steps")
+    gemma = display.recipe(make_config("gemma-2b-it", learning_rate=1e-4, data_samples=500))["value"]
+    assert (gemma["learning rate"], gemma["length"]) == ("0.0001", "1 epoch(s)")
+    assert gemma["data"] == "jkhedri/psychology-dataset (first 500 rows)" and gemma["batch"] == "4 rows x 4 accumulated"
+
+
 def test_files_table(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.bin").write_bytes(b"x" * 2048)

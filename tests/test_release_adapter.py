@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import typing
 from pathlib import Path
@@ -241,3 +242,19 @@ def test_a_failed_stage_leaves_no_release_folder(run_dir, tmp_path, monkeypatch)
     with pytest.raises(ReleaseCheckFailed):
         release_adapter(run_dir, tmp_path / "out" / "adapter", dataset_id=DATASET)
     assert list((tmp_path / "out").iterdir()) == []  # neither the folder nor its staging copy
+
+
+def test_a_metadata_hint_is_said_once_and_names_the_release_folder(run_dir, tmp_path, caplog):
+    out = tmp_path / "adapter"
+    with caplog.at_level(logging.WARNING, logger="fine_tune_llm.release"):
+        release_adapter(run_dir, out, base_model_id="someone/tiny-gemma-base", license="apache-2.0")  # no dataset_id
+        push_folder(out, "me/tiny-adapter", dry_run=True)  # checks the same folder again
+    hints = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(hints) == 1 and hints[0].startswith(f"{out}: no 'datasets' in the metadata"), hints  # not the staging
+    assert "dataset_id=" in hints[0]  # and what to pass
+
+
+def test_the_offline_toy_gets_no_hub_link_hints(run_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fine_tune_llm.release"):
+        out = release_adapter(run_dir, tmp_path / "toy")  # base tiny-gemma, the shipped sample: nothing to link
+    assert check_folder(out).warnings == [] and not [r for r in caplog.records if r.levelno == logging.WARNING]

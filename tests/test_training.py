@@ -92,6 +92,19 @@ def modeling_has_avx512bf16() -> bool:
     return has_avx512bf16()
 
 
+def test_the_adapter_starts_from_the_runs_seed_whatever_ran_before(tiny_cfg):
+    """Notebook 02 wraps the model with LoRA before train() seeds: its adapter must start where the terminal's
+    run of the same config starts, not wherever the kernel's random state happened to be."""
+
+    def lora_a(earlier_draws: int) -> dict[str, torch.Tensor]:
+        torch.rand(earlier_draws)  # whatever the kernel drew before
+        model = add_lora(load_model(tiny_cfg), tiny_cfg)
+        return {k: v for k, v in model.state_dict().items() if "lora_A" in k}
+
+    first, second = lora_a(1), lora_a(7)
+    assert first and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_lora_gradients_are_identical_before_and_after_an_eval_pass(tiny_cfg):
     before, after = grads_before_and_after_eval(tiny_cfg, guard=True)
     assert len(before) == 2 * 7 * 2  # lora_A and lora_B for 7 projections in 2 layers

@@ -251,7 +251,11 @@ def add_lora(model, cfg: TrainConfig):
     """Prepare a k-bit model for training and wrap it with LoRA adapters on the target projections of the adapted
     blocks (every block unless cfg.lora_layers)."""
     from peft import get_peft_model
+    from transformers import set_seed
 
+    # LoRA's A matrices are drawn here: from the run's seed, whoever calls. train() seeds too, but a notebook wraps
+    # the model before calling train(), and its adapter must start where the same run from a terminal starts.
+    set_seed(cfg.seed)
     model = get_peft_model(prepare_for_training(model, cfg), lora_config(cfg, num_hidden_layers(model)))
     guard_cpu_4bit(model)
     trainable, total = parameter_counts(model)

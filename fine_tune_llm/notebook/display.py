@@ -206,6 +206,20 @@ def files_table(folder: str | Path):
                          "size (KB)": [round(p.stat().st_size / 1024, 1) for p in files]})
 
 
+def recipe(cfg):
+    """What a run will do, as the preset and any knob set in the notebook made it: the values to check before
+    training (a learning rate or an adapter size meant for another model is the usual surprise)."""
+    import pandas as pd
+
+    length = f"{cfg.max_steps} optimizer steps" if cfg.max_steps > 0 else f"{cfg.num_epochs:g} epoch(s)"
+    rows = f" (first {cfg.data_samples} rows)" if cfg.data_samples else ""
+    info = {"preset": cfg.preset, "base model": cfg.base_model, "data": f"{cfg.dataset}{rows}",
+            "quantization": cfg.quantization, "LoRA": f"r={cfg.lora_r}, alpha={cfg.lora_alpha}",
+            "learning rate": f"{cfg.learning_rate:g}", "length": length,
+            "batch": f"{cfg.batch_size} rows x {cfg.grad_accum} accumulated", "run directory": cfg.output_dir}
+    return pd.DataFrame({"value": info})
+
+
 def training_summary(result):
     """Steps, first and last training loss, last eval loss (None when no evaluation ran), where the adapter is."""
     import pandas as pd

@@ -29,6 +29,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LOCAL_PATH_OPTIONS = ("output_dir", "metrics_dir", "imgs_dir")
 
 
+# (folder, warning) pairs this process has logged: CheckResult.report_warnings says each once.
+_REPORTED: set[tuple[str, str]] = set()
+
+
 @dataclass
 class CheckResult:
     """A release folder's own check: errors block a push, warnings are printed."""
@@ -47,9 +51,18 @@ class CheckResult:
         if self.errors:
             raise ReleaseCheckFailed(f"{self.kind} folder {self.folder} fails its check:\n  - "
                                      + "\n  - ".join(self.errors))
-        for w in self.warnings:
-            log.warning("%s: %s", self.folder, w)
+        self.report_warnings()
         return self
+
+    def report_warnings(self) -> None:
+        """Log each warning once per process, naming the folder a user will find: a stage checks its staging
+        folder before it becomes the release folder, and a push checks that folder again."""
+        folder = released_name(self.folder)
+        for w in self.warnings:
+            key = (str(folder.resolve()), w)
+            if key not in _REPORTED:
+                _REPORTED.add(key)
+                log.warning("%s: %s", folder, w)
 
 
 @dataclass
@@ -117,6 +130,16 @@ def release_lock(run: RunFiles, stage: str):
     return hold(run.run, f"release {stage}", create=False) if run.run else contextlib.nullcontext()
 
 
+STAGING_MARK = ".partial-"  # staged() writes NAME's contents into .NAME.partial-XXXX beside it
+
+
+def released_name(folder: Path) -> Path:
+    """The release folder a staging folder becomes; any other folder is itself."""
+    if folder.name.startswith(".") and STAGING_MARK in folder.name:
+        return folder.with_name(folder.name[1:].rsplit(STAGING_MARK, 1)[0])
+    return folder
+
+
 @contextlib.contextmanager
 def staged(final: str | Path, overwrite: bool, need: int = 0) -> Iterator[Path]:
     """A temporary folder beside `final` for a stage to write into; it replaces `final` only if the block ends
@@ -127,7 +150,7 @@ def staged(final: str | Path, overwrite: bool, need: int = 0) -> Iterator[Path]:
         raise ConfigError(f"{final} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     require_space(final.parent, need, f"writing {final}", AGAIN)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{STAGING_MARK}"))
     try:
         yield tmp
     except BaseException as exc:

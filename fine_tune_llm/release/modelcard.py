@@ -16,6 +16,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..eval import harness_report
+from ..model.tiny import TINY_NAME
 from ..run import ADAPTER_CONFIG_FILE
 from .common import RunFiles, is_hub_id
 
@@ -131,10 +132,13 @@ def validate_card(path: Path, kind: str) -> tuple[list[str], list[str], dict[str
     if SAFETY_HEADING not in text:
         errors.append(f"{path.name}: no '{SAFETY_HEADING}' section")
     base = data.get("base_model")
-    if isinstance(base, str) and not is_hub_id(base):
+    # The offline demo model has no Hub page, nor has the sample it trains on: a hint to link them asks the
+    # impossible, so the two hints below are for real bases only.
+    toy = base == TINY_NAME
+    if isinstance(base, str) and not is_hub_id(base) and not toy:
         warnings.append(f"base_model {base!r} is not a Hub model id: pass base_model_id= (--base-model-id) so "
                         f"the Hub links the base model")
-    if not data.get("datasets"):
+    if not data.get("datasets") and not toy:
         warnings.append("no 'datasets' in the metadata (local training data): pass dataset_id= (--dataset-id) "
                         "with the data's Hub id to link it")
     return errors, warnings, data
