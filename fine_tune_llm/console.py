@@ -118,6 +118,12 @@ def quiet_libraries() -> None:
     if not any(isinstance(f, _DropMessage) for f in hflm.filters):
         hflm.addFilter(_DropMessage("`pretrained` model kwarg is not of type `str`"))
         hflm.addFilter(_DropMessage("Passed an already-initialized model through `pretrained`"))
+    # transformers orders checkpoints by mtime and, when checkpoints were saved within a second of each other (short
+    # runs, the tiny preset), warns that mtime "may not be reliable" and orders them by step number instead: the
+    # right order, and nothing for a user to do (transformers/trainer_utils.py, sort_checkpoints).
+    sorting = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _DropMessage) for f in sorting.filters):
+        sorting.addFilter(_DropMessage("mtime may not be reliable on this filesystem"))
     # transformers 5 deprecated `PreTrainedModel.is_gradient_checkpointing`; peft 0.21's PeftModel.__init__ still
     # reads it (peft/peft_model.py), so every LoRA model creation warns about code we do not own.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,

@@ -56,6 +56,10 @@ def test_library_noise_is_filtered_by_message_and_nothing_else():
     finally:
         bnb.removeHandler(handler)
     assert stream.getvalue() == "something a user can act on\n"
+    sorting = logging.getLogger("transformers.trainer_utils")
+    assert not sorting.filters[0].filter(logging.makeLogRecord(
+        {"msg": "mtime may not be reliable on this filesystem, falling back to numerical ordering"}))
+    assert sorting.filters[0].filter(logging.makeLogRecord({"msg": "Deleting older checkpoint"}))
     # lm-eval: its INFO narration is off, and of its warnings only the two about being handed a loaded model go.
     hflm = logging.getLogger("lm_eval.models.huggingface")
     assert logging.getLogger("lm_eval").level == logging.WARNING and len(hflm.filters) == 2
