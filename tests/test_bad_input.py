@@ -112,7 +112,8 @@ def test_a_prompt_longer_than_max_length_is_skipped_and_counted(tmp_path, tiny_t
     cfg = make_config("tiny", max_length=64)
     with caplog.at_level(logging.WARNING):
         ds = tokenize_split(examples, tiny_tokenizer, cfg, "train")
-    assert "train: skipped 1 row(s) whose prompt alone fills max_length=64 (rows 5)" in caplog.text
+    assert "train: skipped 1 row(s) that do not fit max_length=64: the prompt alone fills it" in caplog.text
+    assert "(rows 5)" in caplog.text
     assert ds["row"] == [1, 2, 3, 4, 6]
     # When nothing trainable is left, say so instead of letting the Trainer fail on an empty sampler.
     path = jsonl(tmp_path / "all_long.jsonl", [GOOD | {"question": f"{n} " + "Why? " * 200} for n in range(10)])

@@ -57,7 +57,8 @@ def test_very_long_rows_load_then_are_skipped_or_truncated_with_a_count(tmp_path
     cfg = make_config("tiny", max_length=64)
     with caplog.at_level(logging.WARNING):
         ds = tokenize_split(examples, tiny_tokenizer, cfg, "train")
-    assert "train: skipped 1 row(s) whose prompt alone fills max_length=64 (rows 2)" in caplog.text
+    assert "train: skipped 1 row(s) that do not fit max_length=64: the prompt alone fills it" in caplog.text
+    assert "(rows 2)" in caplog.text
     assert "train: 1 answer(s) truncated at max_length=64" in caplog.text
     assert ds["row"] == [1, 3]
     assert max(len(ids) for ids in ds["input_ids"]) == 64

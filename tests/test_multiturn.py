@@ -148,5 +148,20 @@ def test_a_conversation_whose_first_answer_has_no_room_is_skipped_and_counted(ti
     with caplog.at_level(logging.WARNING):
         ds = tokenize_split(rows, tiny_tokenizer, cfg, "train")
     assert ds["row"] == [1] and ds["status"] == ["cut"]
-    assert "train: skipped 1 row(s) whose prompt alone fills max_length=96 (rows 2)" in caplog.text
+    assert "train: skipped 1 row(s) that do not fit max_length=96" in caplog.text and "(rows 2)" in caplog.text
     assert "train: 1 conversation(s) cut at a turn boundary to fit max_length=96" in caplog.text
+
+
+def test_a_conversation_whose_first_answer_does_not_fit_is_skipped_but_a_single_answer_is_truncated(tok):
+    _, tokenizer = tok
+    long_answer = "Please tell me which printer model it is, and what the display shows. " * 3
+    conversation = [*CONVERSATION[:2], {"role": "assistant", "content": long_answer}, *CONVERSATION[3:]]
+    full = encode(tokenizer, conversation)
+    start, end = trained_spans(full)[0]
+    limit = end - 4  # the first answer's prompt fits with room to spare; the answer itself does not
+    assert limit - start > 8
+    several = encode(tokenizer, conversation, max_length=limit)  # the first of three answers does not fit
+    assert several["status"] == "too_long"  # skipped and counted by the caller: no turn of it could be whole
+    single = encode(tokenizer, conversation[:3], max_length=limit)
+    assert single["status"] == "truncated"  # one answer: cut at max_length, as the one-turn shapes always were
+    assert len(single["input_ids"]) == limit

@@ -146,9 +146,10 @@ def encode_conversations(tokenizer, conversations: list[list[dict[str, str]]], m
 
     completion_mask is 1 on every assistant turn's answer and end-of-turn token(s) (train_on="all"), or on the final
     answer only ("last"), and 0 on everything else. status: "ok"; "cut" (later turns did not fit in max_length and
-    were dropped whole: the row ends at the last answer that fits); "truncated" (the first answer alone does not
+    were dropped whole: the row ends at the last answer that fits); "truncated" (a conversation's only answer does not
     fit: it is cut at max_length, as a single-turn row is); "too_long" (the text before the first answer leaves
-    fewer than MIN_ANSWER_TOKENS: the caller skips such rows and counts them). Also per row: turns (assistant turns
+    fewer than MIN_ANSWER_TOKENS, or a conversation of several answers cannot fit its first: the caller skips such
+    rows and counts them). Also per row: turns (assistant turns
     in the conversation), turns_kept, turns_trained, full_length (tokens of the whole conversation, uncut) and
     answer_bytes (UTF-8 bytes of the trained answers' text as scored; the end-of-turn token adds none).
     """
@@ -177,7 +178,11 @@ def _assemble(tokenizer, out: dict[str, list[Any]], row: list[tuple[str, str]], 
     for k, (p, a) in enumerate(tokens):
         if k == 0 and len(p) >= max_length - MIN_ANSWER_TOKENS:
             status, a = "too_long", a[:1]
-        elif k == 0 and len(p) + len(a) > max_length:
+        elif k == 0 and len(p) + len(a) > max_length and len(tokens) > 1:
+            # A conversation whose first answer does not fit is skipped (and counted), not cut: its later turns
+            # could never be trained, and a cut first answer teaches a turn that never ends.
+            status, a = "too_long", a[:1]
+        elif k == 0 and len(p) + len(a) > max_length:  # a single answer is truncated, as the one-turn shapes are
             status, a = "truncated", a[: max_length - len(p)]
         elif k > 0 and len(ids) + len(p) + len(a) > max_length:
             status = "cut"

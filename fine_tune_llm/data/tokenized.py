@@ -53,7 +53,8 @@ def report_cuts(name: str, enc: dict[str, list[Any]], rows: list[int], max_lengt
     n_trunc = status.count("truncated")
     cut = [(r, t - k) for r, s, t, k in zip(rows, status, enc["turns"], enc["turns_kept"]) if s == "cut"]
     if too_long:
-        log.warning("%s: skipped %d row(s) whose prompt alone fills max_length=%d (rows %s)", name, len(too_long),
+        log.warning("%s: skipped %d row(s) that do not fit max_length=%d: the prompt alone fills it, or a "
+                    "conversation's first answer does not fit (rows %s)", name, len(too_long),
                     max_length, ", ".join(map(str, too_long[:10])))
     if n_trunc:
         log.warning("%s: %d answer(s) truncated at max_length=%d", name, n_trunc, max_length)
