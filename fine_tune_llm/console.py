@@ -37,7 +37,7 @@ def progress(iterable: Any = None, total: int | None = None, desc: str = "", uni
 
 
 class PlainProgress:
-    """The subset of tqdm the package uses (iterate, update, write, close), as plain lines."""
+    """The subset of tqdm the package uses (iterate, update, write, close, n), as plain lines."""
 
     def __init__(self, iterable: Any = None, total: int | None = None, desc: str = "", unit: str = "it",
                  disable: bool = False, initial: int = 0, stream=None):
@@ -68,17 +68,8 @@ class PlainProgress:
     def write(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def set_postfix_str(self, text: str) -> None:  # tqdm's; a plain log has its own lines
-        pass
-
     def close(self) -> None:
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class _DropMessage(logging.Filter):

@@ -63,9 +63,8 @@ def hold(run: RunDir | str | Path, what: str, create: bool = True) -> Iterator[R
         if key in _held:
             _held[key][1] += 1
         else:
-            created = create and not run.path.exists()
-            _held[key] = [_acquire(run, what, create), 1]
-            _held[key].append(run.path if created else None)
+            created = run.path if create and not run.path.exists() else None
+            _held[key] = [_acquire(run, what, create), 1, created]  # fd, holds in this process, folder made
     try:
         yield run
     finally:
