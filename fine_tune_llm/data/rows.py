@@ -1,8 +1,8 @@
-"""Load a dataset, check every row, shuffle with the seed, and split by prompt group without leaks.
+"""Load a dataset, check every row, shuffle with the seed, and split by near-duplicate cluster without leaks.
 
 The formats a file may come in (conversations, prompt/completion, preference rows, instruction rows, your own
 column names) and what each row becomes are in formats.py; here rows are read, deduplicated and split so that
-rows with the same group key (the same question, or the same user turns) never straddle two splits.
+rows of one cluster (the same or a near-duplicate question or user turns, clusters.py) never straddle two splits.
 """
 
 from __future__ import annotations
