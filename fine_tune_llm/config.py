@@ -61,6 +61,10 @@ class TrainConfig:
     test_fraction: float = option(0.1, help=(
         "The test split is never trained on nor used for model selection: the before/after report "
         "uses it."))
+    near_duplicate_threshold: float = option(0.8, help=(
+        "Prompts whose word sets overlap this much (Jaccard) share a cluster, kept in one split: the lowest value at "
+        "which the psychology data's templated questions do not chain into a cluster larger than its test split "
+        "(docs/results.md), so its paraphrases stay on one side."))
     data_format: str = option("auto", help=(
         "auto: read from the columns (messages, conversations, prompt/completion, prompt/chosen/rejected, "
         "question/response_j/response_k, instruction/output; docs/training.md#data-formats), so the same command "
@@ -338,8 +342,9 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
 INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
-             "data_format", "columns", "train_on", "data_samples", "val_fraction", "test_fraction", "system_prompt",
-             "max_length", "quantization", "lora_r", "lora_alpha", "target_modules", "lora_layers", "seed")
+             "data_format", "columns", "train_on", "data_samples", "val_fraction", "test_fraction",
+             "near_duplicate_threshold", "system_prompt", "max_length", "quantization", "lora_r", "lora_alpha",
+             "target_modules", "lora_layers", "seed")
 
 
 def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None,
@@ -392,6 +397,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data_samples is None or cfg.data_samples > 0, ["data_samples"], "positive or None"),
         (0 <= cfg.val_fraction < 1, ["val_fraction"], "in [0, 1)"),
         (0 <= cfg.test_fraction < 1, ["test_fraction"], "in [0, 1)"),
+        (0 < cfg.near_duplicate_threshold <= 1, ["near_duplicate_threshold"], "in (0, 1]"),
         (cfg.val_fraction + cfg.test_fraction < 1, ["val_fraction", "test_fraction"],
          "fractions summing below 1, leaving rows to train on"),
         (cfg.learning_rate > 0, ["learning_rate"], "positive"),

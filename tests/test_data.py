@@ -2,7 +2,8 @@
 
 import json
 
-from fine_tune_llm.data.rows import SAMPLE_DATA, load_splits, normalize_question, read_rows, to_examples
+from fine_tune_llm.data.clusters import normalize_question
+from fine_tune_llm.data.rows import SAMPLE_DATA, load_splits, read_rows, to_examples
 from tests.conftest import REAL_DATA, need
 
 

@@ -23,7 +23,7 @@ def test_the_chatterbot_conversations(capsys):
     out = data_command(capsys, str(need(CHATTERBOT)), "--base-model", str(need(GEMMA_TOKENIZER)))
     assert "format: messages (detected from the columns)" in out
     assert "rows: 2,026 read, 1,128 duplicate(s) dropped, 898 kept: 69 multi-turn, 1,052 assistant turns" in out
-    assert re.search(r"train\s+716\s+635\s+58\s+836\s+0", out)  # rows, groups, multi-turn, turns, with rejected
+    assert re.search(r"train\s+713\s+600\s+56\s+845\s+0", out)  # rows, groups, multi-turn, turns, with rejected
     assert "p50" in out and "cut (turns dropped)" in out
     shown = re.search(r"row (\d+) \(train split, (\d) assistant turn\(s\), (\d) trained, status ok\)", out)
     assert shown and shown.group(2) == shown.group(3) and int(shown.group(3)) >= 2  # a multi-turn row is shown
@@ -40,6 +40,10 @@ def test_the_psychology_parquet(capsys):
     assert "format: question-response (detected from the columns)" in out
     assert "rows: 9,846 read" in out and "0 multi-turn" in out
     assert re.search(r"test\s+\d+\s+\d+\s+0\s+\d+\s+\d+", out)
+    assert "split by near-duplicate clusters (word-set Jaccard >= 0.8, minhash-lsh, 128 permutations)" in out
+    twins = re.search(r"test questions with a near-twin in train \(word-set Jaccard >= 0.8 / 0.7\): (\d+) / (\d+) "
+                      r"of ([\d,]+)", out)
+    assert twins and int(twins.group(1)) <= 0.05 * int(twins.group(3).replace(",", "")) <= int(twins.group(2))
     (span,) = trained_spans(out)
     assert span.endswith("<end_of_turn>") and "<start_of_turn>" not in span
 

@@ -12,6 +12,7 @@ import torch
 from cli_runs import adapter, start, wait_for
 
 from fine_tune_llm.data import rows as data
+from fine_tune_llm.data.clusters import normalize_question
 from fine_tune_llm.errors import ConfigError, DataError
 from fine_tune_llm.run import RunDir
 from fine_tune_llm.train import checkpoints
@@ -93,9 +94,9 @@ def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):
     test_rows = {r["row"] for r in saved["test"]}
     assert trained_rows and not trained_rows & test_rows
     assert set(pairs["train"]["row"]) <= {r["row"] for r in saved["train"]}
-    test_questions = {data.normalize_question(r["question"]) for r in saved["test"]}
+    test_questions = {normalize_question(r["question"]) for r in saved["test"]}
     by_row = {r["row"]: r for r in saved["train"]}
-    assert not {data.normalize_question(by_row[n]["question"]) for n in pairs["train"]["row"]} & test_questions
+    assert not {normalize_question(by_row[n]["question"]) for n in pairs["train"]["row"]} & test_questions
     assert json.loads(result.run.splits_file.read_text()) == json.loads(sft.splits_file.read_text())
 
 

@@ -37,7 +37,7 @@ def test_changing_the_split_function_does_not_change_an_old_runs_test_rows(train
     cfg, run, _ = trained
     before = [r["row"] for r in eval_rows(run, "test")]
 
-    def another_split(examples, val_fraction, test_fraction):  # e.g. a later version that splits differently
+    def another_split(examples, val_fraction, test_fraction, **_):  # e.g. a later version that splits differently
         return {"train": examples[:100], "validation": examples[100:120], "test": examples[120:]}
 
     monkeypatch.setattr(data, "split_by_question", another_split)

@@ -1,6 +1,7 @@
 """`fine-tune-llm data [FILE]`: what training would read and learn from a data file, without loading a model.
 
-The format (detected or forced) and how many rows, conversations and turns it holds; the split by group key; token
+The format (detected or forced) and how many rows, conversations and turns it holds; the split by near-duplicate
+cluster and how many test questions keep a near-twin in train; token
 lengths with the preset's tokenizer and max_length, and how many rows would be truncated, cut or skipped; and one
 row with exactly its trained tokens marked.
 """
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(cfg: TrainConfig, row: int | None = None) -> str:
+    from ..data.clusters import describe_leakage
     from ..data.rows import config_splits
+    from ..data.splits import grouping_label
     from ..data.tokenized import length_summary, tokenize_split
     from ..notebook import display
 
@@ -63,7 +66,9 @@ def report(cfg: TrainConfig, row: int | None = None) -> str:
               + (f" (data_samples={cfg.data_samples})" if cfg.data_samples else "")
               + f": {s['multi_turn']:,} multi-turn, {s['assistant_turns']:,} assistant turns, "
               f"{s['with_rejected']:,} with a rejected answer"),
-             "", f"split by group key ({s['group_key']}):", _counts_table(s["splits"]), "",
+             "", (f"split by {grouping_label(splits.clustering)}: {splits.clustering['clusters']:,} clusters, the "
+                  f"largest {splits.clustering['largest_cluster']:,} rows:"), _counts_table(s["splits"]),
+             f"  {describe_leakage(s['leakage'])}", "",
              (f"tokens ({cfg.base_model}'s chat template, max_length {cfg.max_length}, training on "
               f"{'the final assistant turn' if cfg.train_on == 'last' else 'every assistant turn'}; lengths are "
               f"whole conversations, before any cut):"),

@@ -1,26 +1,26 @@
-"""Load a dataset, check every row, shuffle with the seed, and split by prompt group without leaks.
+"""Load a dataset, check every row, shuffle with the seed, and split by near-duplicate cluster without leaks.
 
 The formats a file may come in (conversations, prompt/completion, preference rows, instruction rows, your own
 column names) and what each row becomes are in formats.py; here rows are read, deduplicated and split so that
-rows with the same group key (the same question, or the same user turns) never straddle two splits.
+rows of one cluster (the same or a near-duplicate question or user turns, clusters.py) never straddle two splits.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import logging
 import math
 import random
-import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
 from ..errors import DataError
 from . import formats
+from .clusters import GROUP_KEY, cluster_labels, describe_leakage, group_key, leakage_levels, settings
 
 log = logging.getLogger(__name__)
 
@@ -207,47 +207,39 @@ def drop_duplicates(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
-@functools.lru_cache(maxsize=1 << 16)  # dedupe, split and counts each ask for every row's key
-def normalize_question(text: str) -> str:
-    """Case, punctuation and spacing do not make a new question."""
-    return re.sub(r"[\W_]+", " ", text.lower()).strip()
-
-
-# Recorded in splits.json beside each row's key: what the split kept together.
-GROUP_KEY = "normalized user turns (case, punctuation and spacing ignored), joined in order"
-
-
-def group_key(example: dict[str, Any]) -> str:
-    """Rows with the same key go to the same split: the same question, or a conversation with the same user turns.
-
-    The one place a split's grouping is decided: a finer notion of "the same prompt" (near-duplicate clusters)
-    replaces this function."""
-    if "messages" not in example:
-        return normalize_question(example["question"])
-    return " | ".join(normalize_question(m["content"]) for m in example["messages"] if m["role"] == "user")
-
-
 def split_by_question(examples: list[dict[str, Any]], val_fraction: float, test_fraction: float,
-                      ) -> dict[str, list[dict[str, Any]]]:
-    """Whole groups (rows with one group_key) go to one split, so no question or conversation is in two splits."""
+                      labels: list[str], seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Whole clusters (rows with one label, see clusters.py) go to one split, so no question, conversation or
+    paraphrase of one is in two splits. The clusters are taken in a seeded random order, each as likely as any
+    other to be held out: in the rows' order a large cluster would almost always come first, into the test split."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for ex in examples:
-        groups.setdefault(group_key(ex), []).append(ex)
+    for ex, label in zip(examples, labels, strict=True):
+        groups.setdefault(label, []).append(ex)
+    order = sorted(groups)  # the labels' own order, then the seed's: the same clusters, the same assignment
+    random.Random(seed).shuffle(order)
     total = len(examples)
     want = {"test": test_fraction * total, "validation": val_fraction * total}
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
-    for members in groups.values():  # insertion order = shuffled order: a random, seeded assignment
+    for label in order:
         name = next((s for s in ("test", "validation") if len(splits[s]) < want[s]), "train")
-        splits[name].extend(members)
+        splits[name].extend(groups[label])
+    rank = {id(ex): i for i, ex in enumerate(examples)}
+    for part in splits.values():  # within a split, the rows' shuffled order, as before
+        part.sort(key=lambda ex: rank[id(ex)])
     return splits
 
 
 class Splits(dict):
-    """split name -> rows, and `summary`: the data's format and counts (recorded in splits.json, printed)."""
+    """split name -> rows; `summary`: the data's format and counts (recorded in splits.json, printed);
+    `clustering`: how near-duplicate prompts were clustered (None: a split saved before near-duplicate clustering,
+    which kept only identical prompts together); `clusters`: each row's cluster label by row number."""
 
-    def __init__(self, parts: dict[str, list[dict[str, Any]]], summary: dict[str, Any] | None = None):
+    def __init__(self, parts: dict[str, list[dict[str, Any]]], summary: dict[str, Any] | None = None,
+                 clustering: dict[str, Any] | None = None, clusters: dict[int, str] | None = None):
         super().__init__(parts)
         self.summary = summary or {}
+        self.clustering = clustering
+        self.clusters = clusters or {}
 
 
 def load_examples(source: str | Path, data_format: str = "auto",
@@ -259,8 +251,10 @@ def load_examples(source: str | Path, data_format: str = "auto",
 
 def load_splits(source: str, seed: int, data_samples: int | None = None, val_fraction: float = 0.1,
                 test_fraction: float = 0.1, data_format: str = "auto",
-                columns: str | dict[str, str] | None = None) -> Splits:
-    """Read, check, dedupe, shuffle with the seed, keep the first data_samples rows, split by group key."""
+                columns: str | dict[str, str] | None = None,
+                near_duplicate_threshold: float = TrainConfig.near_duplicate_threshold) -> Splits:
+    """Read, check, dedupe, shuffle with the seed, keep the first data_samples rows, split by near-duplicate
+    cluster (clusters.py), and measure the near-twins left between train and test."""
     src = resolve_source(str(source))
     examples, fmt = read_examples(read_rows(src), src, data_format, columns)
     read = len(examples)
@@ -269,17 +263,39 @@ def load_splits(source: str, seed: int, data_samples: int | None = None, val_fra
     random.Random(seed).shuffle(examples)
     if data_samples is not None:
         examples = examples[:data_samples]
-    splits = Splits(split_by_question(examples, val_fraction, test_fraction))
+    labels = cluster_labels(examples, near_duplicate_threshold)
+    splits = Splits(split_by_question(examples, val_fraction, test_fraction, labels=labels, seed=seed),
+                    clustering=cluster_record(labels, near_duplicate_threshold),
+                    clusters={ex["row"]: label for ex, label in zip(examples, labels)})
     splits.summary = summarize(splits, fmt, rows_read=read, duplicates=read - deduped)
+    splits.summary["leakage"] = leakage_levels(splits["train"], splits["test"], near_duplicate_threshold)
+    warn_overfull(splits, {"validation": val_fraction, "test": test_fraction}, near_duplicate_threshold)
     log.info("data %s: %s", source, describe(splits.summary))
     return splits
+
+
+def warn_overfull(splits: Splits, fractions: dict[str, float], threshold: float) -> None:
+    """A cluster larger than a held-out split's share makes that share unreachable: say so, and what to change."""
+    total = sum(len(rows) for rows in splits.values())
+    for name, fraction in fractions.items():
+        if total and len(splits[name]) > 1.5 * fraction * total + 1:
+            log.warning("the %s split holds %d of %d rows, not the %.0f%% asked for: a near-duplicate cluster of "
+                        "up to %d rows went there whole; a higher near_duplicate_threshold (now %g) makes smaller "
+                        "clusters", name, len(splits[name]), total, 100 * fraction,
+                        splits.clustering["largest_cluster"], threshold)
 
 
 def config_splits(cfg: TrainConfig) -> Splits:
     """The configured data, read, checked and split: what training saves into its run (splits.json) and
     `fine-tune-llm data` previews. Every later stage reads the run's saved split instead."""
     return load_splits(cfg.dataset, cfg.seed, cfg.data_samples, cfg.val_fraction, cfg.test_fraction, cfg.data_format,
-                       cfg.columns)
+                       cfg.columns, cfg.near_duplicate_threshold)
+
+
+def cluster_record(labels: list[str], threshold: float) -> dict[str, Any]:
+    """The clustering's settings, how many clusters it made and the largest one's rows (splits.json records it)."""
+    sizes = Counter(labels)
+    return {**settings(threshold), "clusters": len(sizes), "largest_cluster": max(sizes.values(), default=0)}
 
 
 def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -303,4 +319,5 @@ def describe(summary: dict[str, Any]) -> str:
     per_split = ", ".join(f"{k}={v['rows']}" for k, v in summary["splits"].items())
     return (f"format {summary['format']} ({summary['chosen_by']}); {summary['rows']:,} rows "
             f"({summary['multi_turn']:,} multi-turn, {summary['assistant_turns']:,} assistant turns, "
-            f"{summary['with_rejected']:,} with a rejected answer); {per_split}")
+            f"{summary['with_rejected']:,} with a rejected answer); {per_split}"
+            + (f"; {describe_leakage(summary['leakage'])}" if "leakage" in summary else ""))

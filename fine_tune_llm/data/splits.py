@@ -1,12 +1,13 @@
 """Saved splits: which rows of the data a run trained, validated and tested on.
 
 Training writes the membership once (`splits.json` in the run directory): the format the data was read in (with
-the --columns mapping) and its counts, then each split's rows by their 1-based number in the data file, a hash of
-each row's content, a hash of each split, and each row's group key (hashed): rows sharing a key never straddle
-two splits. Every later stage (evaluation,
-merge parity, the model card, the preference stage) reads it instead of splitting again, so an old run's
-held-out rows stay what they were when the split code changes, and an edited data file is caught instead of
-silently changing what "held-out" means.
+the --columns mapping) and its counts, how near-duplicate prompts were clustered (`clustering`: method, threshold,
+MinHash settings; clusters.py), then each split's rows by their 1-based number in the data file, a hash of each
+row's content, a hash of each split, each row's group key (hashed) and each row's cluster: rows of one cluster
+never straddle two splits. Every later stage (evaluation, merge parity, the model card, the preference stage)
+reads it instead of splitting again, so an old run's held-out rows stay what they were when the split code
+changes, and an edited data file is caught instead of silently changing what "held-out" means. A record written
+before near-duplicate clustering (no `clustering`) loads as it always did, its `clustering` None.
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ def membership(splits: Splits, source: str) -> dict[str, Any]:
     summary = getattr(splits, "summary", None)
     if summary:
         record["data"] = {k: v for k, v in summary.items() if k != "splits"}
+    clustering, clusters = getattr(splits, "clustering", None), getattr(splits, "clusters", {})
+    if clustering:
+        record["clustering"] = clustering
     for name, rows in splits.items():
         hashes = [row_hash(r) for r in rows]
         record["splits"][name] = {"count": len(rows), "sha256": split_hash(hashes), "rows": [r["row"] for r in rows],
                                   "row_sha256": hashes, "row_group": [key_hash(r) for r in rows],
+                                  **({"row_cluster": [clusters[r["row"]] for r in rows]} if clustering else {}),
                                   **({"counts": summary["splits"][name]} if summary else {})}
     return record
 
@@ -70,10 +75,12 @@ def load(path: str | Path, source: str | None = None, hint: str = "") -> Splits:
     file = resolve_source(source)
     data = record.get("data") or {}
     by_row = {ex["row"]: ex for ex in load_examples(file, data.get("format", "auto"), data.get("columns"))}
-    out = Splits({}, {**data, "splits": {n: s.get("counts", {"rows": s["count"]}) for n, s in record["splits"].items()}})
+    out = Splits({}, {**data, "splits": {n: s.get("counts", {"rows": s["count"]}) for n, s in record["splits"].items()}},
+                 clustering=record.get("clustering"))
     changed: dict[str, int] = {}
     for name, saved in record["splits"].items():
         rows = [by_row.get(n) for n in saved["rows"]]
+        out.clusters.update(zip(saved["rows"], saved.get("row_cluster", ())))
         bad = sum(r is None or row_hash(r) != h for r, h in zip(rows, saved["row_sha256"]))
         if bad:
             changed[name] = bad
@@ -108,12 +115,32 @@ def _record_problem(record: dict[str, Any]) -> str | None:
         if not (isinstance(rows, list) and isinstance(hashes, list) and len(rows) == len(hashes)
                 and all(isinstance(n, int) for n in rows) and isinstance(saved.get("count"), int)):
             return f"split {name!r} lacks matching 'rows', 'row_sha256' and 'count'"
+        if "clustering" in record and not (isinstance(saved.get("row_cluster"), list)
+                                           and len(saved["row_cluster"]) == len(rows)):
+            return f"split {name!r} lacks a 'row_cluster' for each row, which its 'clustering' promises"
+    if "clustering" in record and not (isinstance(record["clustering"], dict)
+                                       and isinstance(record["clustering"].get("threshold"), (int, float))):
+        return "'clustering' has no threshold"
     return None
 
 
 def data_record(path: str | Path) -> dict[str, Any]:
     """The data's format and counts as training recorded them ({} for a record written before they were)."""
     return (read_json(path) or {}).get("data") or {}
+
+
+def clustering(path: str | Path) -> dict[str, Any] | None:
+    """How the saved split clustered near-duplicates; None for a split saved before near-duplicate clustering
+    (it kept only identical prompts together, so its test rows may have paraphrases in train)."""
+    return (read_json(path) or {}).get("clustering")
+
+
+def grouping_label(clustering: dict[str, Any] | None) -> str:
+    """What a saved split kept together, in words a report can print."""
+    if clustering is None:
+        return "identical questions only (saved before near-duplicate clustering)"
+    return (f"near-duplicate clusters (word-set Jaccard >= {clustering['threshold']:g}, {clustering['method']}, "
+            f"{clustering['num_perm']} permutations)")
 
 
 def counts(path: str | Path) -> dict[str, int] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -168,17 +167,17 @@ def compare_generations(columns: Columns, tokenizer, questions: list[str | list[
     return out
 
 
-def generation_prompts(rows: list[dict[str, Any]], n: int) -> list[str | list[dict[str, str]]]:
-    """The first n distinct prompts of the rows (each row's turns before its final answer), multi-turn ones first:
-    they show whether the model answers the last turn in the light of the earlier ones. One user turn stays text."""
-    seen: dict[str, str | list[dict[str, str]]] = {}
-    for row in sorted(rows, key=lambda r: assistant_turns(r) == 1):  # stable: file order within each kind
+def generation_prompts(rows: list[dict[str, Any]], n: int, seed: int = 0) -> list[str | list[dict[str, str]]]:
+    """n prompts (each row's turns before its final answer) from n distinct near-duplicate clusters, drawn with the
+    seed across the whole split, multi-turn ones first: they show whether the model answers the last turn in the
+    light of the earlier ones. One user turn stays text."""
+    from ..data.clusters import spread_picks  # here, not above: this function is this module's one use of it
+
+    prompts: list[str | list[dict[str, str]]] = []
+    for row in spread_picks(rows, n, seed):
         turns = conversation(row)[:-1]
-        prompt = turns[0]["content"] if len(turns) == 1 else turns
-        seen.setdefault(json.dumps(turns), prompt)
-        if len(seen) == n:
-            break
-    return list(seen.values())
+        prompts.append(turns[0]["content"] if len(turns) == 1 else turns)
+    return prompts
 
 
 def no_pairs_note(run: RunDir, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> str | None:
