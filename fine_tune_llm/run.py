@@ -120,6 +120,11 @@ class RunDir:
         return self.path / "sft_run.json"
 
     @property
+    def reference_logps_file(self) -> Path:
+        """A preference stage's reference log-probs, computed once and read back by a resumed stage."""
+        return self.path / "reference_logps.json"
+
+    @property
     def trace_dir(self) -> Path:
         """Debug traces of which rows each process trained on (train/rowtrace.py; off unless asked for)."""
         return self.path / "trace"

@@ -196,7 +196,7 @@ def test_chunked_cross_entropy_equals_torch_across_chunks(monkeypatch, dtype):
     weights = torch.rand(11)
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
-    ours, top1 = ChunkedCrossEntropy.apply(a, targets)
+    ours, top1, _, _ = ChunkedCrossEntropy.apply(a, targets)
     ref = F.cross_entropy(b.float(), targets, reduction="none")
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
     assert torch.equal(top1, logits.argmax(-1) == targets)
@@ -207,9 +207,24 @@ def test_chunked_cross_entropy_equals_torch_across_chunks(monkeypatch, dtype):
                                atol=1e-3 if dtype == torch.bfloat16 else 1e-7)
 
 
+def test_chunked_cross_entropy_gives_entropy_and_mean_logit_from_the_same_chunks(monkeypatch):
+    from fine_tune_llm.train import answer_loss as fast_loss
+
+    monkeypatch.setattr(fast_loss, "CE_CHUNK_ELEMENTS", 3 * 1000)
+    torch.manual_seed(1)
+    logits = torch.randn(7, 1000) * 4
+    targets = torch.randint(1000, (7,))
+    nll, _, entropy, mean = ChunkedCrossEntropy.apply(logits, targets, True)
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean, logits.mean(-1))
+    torch.testing.assert_close(nll, -logp[torch.arange(7), targets])
+    assert ChunkedCrossEntropy.apply(logits, targets)[2].numel() == 0  # not asked for: not computed
+
+
 def test_chunked_cross_entropy_edge_cases():
     empty = torch.zeros(0, 7, requires_grad=True)
-    nll, _ = ChunkedCrossEntropy.apply(empty, torch.zeros(0, dtype=torch.long))
+    nll, *_ = ChunkedCrossEntropy.apply(empty, torch.zeros(0, dtype=torch.long))
     nll.sum().backward()  # a micro-batch without answer tokens: a zero loss that still backpropagates
     assert nll.numel() == 0 and empty.grad.shape == (0, 7)
     with torch.no_grad():  # evaluation: no gradient is computed or stored

@@ -51,26 +51,26 @@ def test_dpo_lowers_its_loss_and_raises_the_held_out_reward_margin(dpo):
     assert cfg.stage == "dpo" and cfg.warmup_ratio == 0.0  # the tiny preset's preference defaults
 
 
-def test_reference_log_probs_are_the_sft_models_own(sft):
-    """TRL copies the SFT adapter into a frozen "ref" adapter and precomputes its log-probs: they must equal the
-    SFT model's log-probs of the same answers, scored independently."""
-    from fine_tune_llm.eval.scoring import score_tokens
+def _ref_setup(sft, name: str, **overrides):
     from fine_tune_llm.model.loading import load_tokenizer
-    from fine_tune_llm.train.preference import GuardedDPOTrainer, dpo_config, load_policy, prepare_pairs
-
-    cfg = preference_config(sft.path, output_dir=str(sft.path) + "-ref-check", max_steps=1)
-    run = RunDir.of(cfg.output_dir)
     from fine_tune_llm.train.lineage import record_parent
+    from fine_tune_llm.train.preference import load_policy, prepare_pairs
 
+    cfg = preference_config(sft.path, output_dir=str(sft.path) + f"-{name}", max_steps=1, **overrides)
+    run = RunDir.of(cfg.output_dir)
     record_parent(run, sft)
     tok = load_tokenizer(cfg)
-    pairs = prepare_pairs(cfg, run, tok)["validation"]
-    policy = load_policy(cfg, sft)
-    args = dpo_config(cfg, run)
-    args.eval_strategy = "no"
-    trainer = GuardedDPOTrainer(model=policy, ref_model=None, args=args, train_dataset=pairs.select_columns(
-        ["prompt_ids", "chosen_ids", "rejected_ids"]), processing_class=tok)
-    ref = trainer.train_dataset
+    return cfg, run, tok, prepare_pairs(cfg, run, tok), load_policy(cfg, sft)
+
+
+def test_reference_log_probs_are_the_sft_models_own(sft):
+    """The reference pass scores the SFT adapter as loaded: its log-probs equal the SFT model's log-probs of the
+    same answers, scored independently by the evaluation's scorer (other batches, other padding)."""
+    from fine_tune_llm.eval.scoring import score_tokens
+    from fine_tune_llm.train.preference import reference_columns
+
+    cfg, run, tok, data, policy = _ref_setup(sft, "ref-check")
+    pairs = reference_columns(cfg, run, policy, tok, data)["validation"]
     policy.eval()
     for answer in ("chosen", "rejected"):
         ids = [p + a for p, a in zip(pairs["prompt_ids"], pairs[f"{answer}_ids"])]
@@ -78,9 +78,63 @@ def test_reference_log_probs_are_the_sft_models_own(sft):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             nats, _ = score_tokens(policy, ids, masks, pad_id=tok.pad_token_id, progress=False)
         ours = torch.tensor([-n for n in nats])
-        theirs = torch.tensor(ref[f"ref_{answer}_logps"])
+        theirs = torch.tensor(pairs[f"ref_{answer}_logps"])
         # bf16 compute on both sides, batched differently: a few hundredths of a nat on sums of ~100 tokens
         assert torch.allclose(theirs, ours, rtol=1e-2, atol=0.1), (theirs - ours).abs().max()
+
+
+def test_a_second_start_reads_the_reference_pass_back_and_a_changed_reference_recomputes_it(sft, monkeypatch):
+    from fine_tune_llm.train import preference, preference_logps
+
+    cfg, run, tok, data, policy = _ref_setup(sft, "ref-cache")
+    first = preference.reference_columns(cfg, run, policy, tok, data)
+    saved = json.loads(run.reference_logps_file.read_text())
+    assert set(saved["splits"]) == {"train", "validation"} and len(saved["splits"]["train"]["chosen"]) == len(
+        data["train"])
+    calls = []
+    real = preference_logps.pair_logps
+    monkeypatch.setattr(preference, "pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = preference.reference_columns(cfg, run, policy, tok, data)
+    assert calls == [] and again["train"]["ref_chosen_logps"] == first["train"]["ref_chosen_logps"]
+    fewer = {"train": data["train"].select(range(3)), "validation": data["validation"]}  # other pairs: recomputed
+    assert len(preference.reference_columns(cfg, run, policy, tok, fewer)["train"]) == 3 and len(calls) == 2
+
+
+def test_the_answer_only_head_gives_trls_loss_and_gradients_on_a_fixed_batch(sft):
+    """TRL's fused head scores every position; ours only the answers. In float32 the loss, every logged metric
+    TRL reads from the head and the LoRA gradients agree to float rounding (1e-5 of each gradient's norm)."""
+    from fine_tune_llm.model.loading import restore_trainable_dtype
+    from fine_tune_llm.train.preference import dpo_config, reference_columns
+    from fine_tune_llm.train.preference_logps import install_answer_only_head
+    from fine_tune_llm.train.trainers import GuardedDPOTrainer
+
+    cfg, run, tok, data, policy = _ref_setup(sft, "head-check", dtype="float32")
+    pairs = reference_columns(cfg, run, policy, tok, data)["train"]
+    args = dpo_config(cfg, run)
+    args.eval_strategy = "no"
+    trainer = GuardedDPOTrainer(model=policy, ref_model=None, args=args, train_dataset=pairs.select_columns(
+        ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]), processing_class=tok)
+    restore_trainable_dtype(trainer.model, cfg)  # as the stage does: TRL casts the adapter to bf16
+    batch = trainer.data_collator([pairs[i] for i in range(6)])
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        policy.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(policy, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainable], {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    policy.train()
+    with torch.random.fork_rng():  # same step twice: nothing random (dropout 0), but keep the RNG untouched
+        trl_loss, trl_grads, trl_logged = loss_and_grads()
+        install_answer_only_head(policy.get_base_model())
+        loss, grads, logged = loss_and_grads()
+    assert loss == pytest.approx(trl_loss, rel=1e-5)
+    for ours, theirs in zip(grads, trl_grads):  # relative to each gradient's norm: float32 summation order only
+        assert (ours - theirs).norm() <= 1e-5 * theirs.norm()
+    for key in ("rewards/margins", "logps/chosen", "logps/rejected", "entropy", "logits/chosen", "mean_token_accuracy"):
+        assert logged[key] == pytest.approx(trl_logged[key], rel=1e-4, abs=1e-5), key
 
 
 def test_the_preference_stage_never_trains_on_a_test_question(sft, dpo):

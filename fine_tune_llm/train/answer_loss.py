@@ -29,8 +29,10 @@ CE_CHUNK_ELEMENTS = 2**25
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """(nll, top1): per-row negative log-likelihood of `targets` under `logits` [N, V], in fp32, one chunk of rows
-    at a time, and whether the target has the highest logit (TRL's token accuracy, from the same pass).
+    """(nll, top1, entropy, mean_logit): per-row negative log-likelihood of `targets` under `logits` [N, V], in fp32,
+    one chunk of rows at a time, and whether the target has the highest logit (TRL's token accuracy, from the same
+    pass). With `stats=True` also each row's entropy and mean logit (what TRL's preference trainer logs), from the
+    same chunks; otherwise those two are empty.
 
     Same values as `F.cross_entropy(logits.float(), targets, reduction="none")`. The gradient (softmax - onehot)
     is computed in the same pass as the forward, while each chunk is hot, and stored in the logits' dtype; the
@@ -39,13 +41,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, stats: bool = False):
         n, vocab = logits.shape
         chunk = max(1, CE_CHUNK_ELEMENTS // vocab)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if need_grad else None
         nll = torch.empty(n, dtype=torch.float32, device=logits.device)
         top1 = torch.empty(n, dtype=torch.bool, device=logits.device)
+        entropy = torch.empty(n if stats else 0, dtype=torch.float32, device=logits.device)
+        mean_logit = torch.empty(n if stats else 0, dtype=torch.float32, device=logits.device)
         target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()
         buf = torch.empty((min(chunk, n), vocab), dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
@@ -53,26 +57,33 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             x = buf[: e - s]
             x.copy_(logits[s:e])
             row_max = x.amax(-1, keepdim=True)
-            x.sub_(row_max).exp_()
+            if stats:
+                mean_logit[s:e] = x.mean(-1)
+                centred = x - row_max
+                x.copy_(centred).exp_()
+            else:
+                x.sub_(row_max).exp_()
             total = x.sum(-1, keepdim=True)
             nll[s:e] = (total.log() + row_max).squeeze(1) - target_logit[s:e]
+            if stats:  # H = log Z - E_p[z], both relative to the row max
+                entropy[s:e] = total.log().squeeze(1) - (x * centred).sum(-1) / total.squeeze(1)
             top1[s:e] = target_logit[s:e] >= row_max.squeeze(1)  # a tie counts as a hit
             if need_grad:  # d nll / d logits = softmax - onehot(target)
                 x.div_(total)
                 x[torch.arange(e - s, device=x.device), targets[s:e]] -= 1.0
                 grad[s:e].copy_(x)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(top1)
+        ctx.mark_non_differentiable(top1, entropy, mean_logit)
         ctx.used = False
-        return nll, top1
+        return nll, top1, entropy, mean_logit
 
     @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor, _grad_top1=None):
+    def backward(ctx, grad_nll: torch.Tensor, _grad_top1=None, _grad_entropy=None, _grad_mean=None):
         if ctx.used:  # the stored gradient is scaled in place: a second backward would be wrong
             raise RuntimeError("ChunkedCrossEntropy supports one backward pass per forward (no retain_graph)")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_nll.unsqueeze(1).to(grad.dtype)), None
+        return grad.mul_(grad_nll.unsqueeze(1).to(grad.dtype)), None, None
 
 
 def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +102,7 @@ def answer_only_nll(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, to
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
     logits = logits.reshape(-1, logits.shape[-1])
-    nll, top1 = ChunkedCrossEntropy.apply(logits, targets)
+    nll, top1, _, _ = ChunkedCrossEntropy.apply(logits, targets)
     return nll, top1, targets
 
 

@@ -5,9 +5,11 @@
       encode_pairs                     the SFT template and masks (the final answer; a multi-turn prompt's earlier
                                        turns as context), one <bos>, control strings stripped
       4-bit base + the SFT adapter     trainable, under PEFT's name "default"
-      GuardedDPOTrainer                TRL copies "default" into a frozen "ref" adapter: the reference policy is the
-                                       SFT model, with no second model in memory; its log-probs are computed once,
-                                       before training (precompute_ref_log_probs), not at every step
+      reference_columns                the reference policy is the SFT model (the adapter before the first step):
+                                       its log-probs, computed once in a forward-only pass sorted by length, or read
+                                       back from the run when a resumed stage already computed them
+      AnswerOnlyDPOTrainer             TRL's DPOTrainer and loss, with the LM head at answer positions only and
+                                       length-grouped batches (train/preference_logps.py)
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from ..model.loading import (
 )
 from ..run import RunDir
 from ..run_lock import hold, is_main_process
-from . import checkpoints
+from . import answer_loss, checkpoints
 from .lineage import parent_of, record_parent
 from .memory_estimate import refuse_if_too_big
+from .preference_logps import cached_reference, pair_logps, with_reference_columns
 from .progress import use_compact_progress
 from .sft import TrainResult, finish, lora_inputs_uncast
-from .trainers import GuardedDPOTrainer, StopOnSigint, default_callbacks
+from .trainers import AnswerOnlyDPOTrainer, GuardedDPOTrainer, StopOnSigint, default_callbacks
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -100,7 +103,8 @@ def dpo_config(cfg: TrainConfig, run: RunDir):
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
         loss_type=["sigmoid_norm" if cfg.loss_type == "simpo" else cfg.loss_type], beta=cfg.beta, max_length=None,
-        precompute_ref_log_probs=True,
+        precompute_ref_log_probs=True, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         dataloader_num_workers=0, disable_tqdm=False, ddp_find_unused_parameters=False,
     )
 
@@ -171,27 +175,60 @@ def _train_preference(cfg: TrainConfig, run: RunDir, sft: RunDir, resume: bool |
         write_manifest(cfg, run, resumed_from=checkpoint, sft_run=str(sft.path))
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.logs_dir)  # read by transformers 5's TB callback
     model = load_policy(cfg, sft)
-    t0 = time.time()
+    if cfg.loss_type != "simpo":  # SimPO has no reference policy (simpo_offsets)
+        data = reference_columns(cfg, run, model, tokenizer, data)
     args = dpo_config(cfg, run)
     if not len(data["validation"]):
         args.eval_strategy = "no"  # val_fraction 0: nothing to evaluate on
-    with StopOnSigint() as sigint:
-        trainer = GuardedDPOTrainer(
+    trainer_class = AnswerOnlyDPOTrainer if answer_loss.wanted(cfg.loss_impl) else GuardedDPOTrainer
+    with StopOnSigint() as sigint, lora_inputs_uncast(model, cfg):
+        trainer = trainer_class(
             model=model, ref_model=None, args=args, train_dataset=_columns(data["train"]),
             eval_dataset=_columns(data["validation"]) if len(data["validation"]) else None, processing_class=tokenizer,
             callbacks=[*default_callbacks(), sigint.callback()])
         use_compact_progress(trainer)
         restore_trainable_dtype(trainer.model, cfg)  # DPOTrainer casts QLoRA adapters to bf16 as SFTTrainer does
-        log.info("reference log-probs of %d pairs computed in %.0f s", len(data["train"]), time.time() - t0)
-        with lora_inputs_uncast(model, cfg):  # training steps only: the reference pass above may run without autocast
-            trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
     return finish(cfg, trainer, tokenizer, run, interrupted=sigint.requested)
+
+
+def reference_columns(cfg: TrainConfig, run: RunDir, model, tokenizer, data: dict[str, Any]) -> dict[str, Any]:
+    """The pairs with the reference policy's log-probs (the SFT adapter as loaded, before any step): computed in a
+    forward-only pass, under the autocast training uses, or read back from the run when a resumed stage has them."""
+    import torch
+
+    from ..model.hardware import precision
+    from .lineage import adapter_hash
+
+    p = precision(cfg)
+    autocast_dtype = torch.bfloat16 if p.bf16 else torch.float16 if p.fp16 else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    reference = {"sft_adapter_sha256": adapter_hash(RunDir.of(cfg.sft_run)), "base_model": cfg.base_model,
+                 "dtype": cfg.dtype, "quantization": cfg.quantization}
+
+    def compute(name: str, pairs) -> dict[str, list[float]]:
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None), \
+                lora_inputs_uncast(model, cfg):
+            return pair_logps(model, pairs, pad_id, desc=f"reference log-probs ({name})")
+
+    t0 = time.time()
+    was_training = model.training
+    model.eval()  # the reference policy as it scores: no dropout
+    try:
+        logps, reused = cached_reference(run, data, reference, compute)
+    finally:
+        model.train(was_training)
+    n = sum(len(d) for d in data.values())
+    log.info("reference log-probs of %d pairs %s in %.0f s", n,
+             f"read back from {run.reference_logps_file.name}" if reused else "computed", time.time() - t0)
+    return {name: with_reference_columns(pairs, logps[name]) if len(pairs) else pairs for name, pairs in data.items()}
 
 
 def _columns(pairs):
     return pairs.select_columns([c for c in PAIR_COLUMNS + REF_COLUMNS if c in pairs.column_names])
 
 
-__all__ = ["check_split_pairs", "encode_pairs", "load_policy", "prepare_pairs", "train_preference"]
+__all__ = ["check_split_pairs", "encode_pairs", "load_policy", "prepare_pairs", "reference_columns", "train_preference"]
 
 

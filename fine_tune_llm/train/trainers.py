@@ -112,6 +112,32 @@ class GuardedDPOTrainer(TrainingGuards, DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
+class AnswerOnlyDPOTrainer(GuardedDPOTrainer):
+    """GuardedDPOTrainer with the answer-only LM head (train/preference_logps.py): TRL's loss, metrics and loss types
+    unchanged, the vocabulary projected at answer positions only. With group_by_length, pairs of similar length
+    share a batch (TRL's pairs have no `input_ids` column for transformers' length sampler to read)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from peft import PeftModel
+
+        from .preference_logps import install_answer_only_head
+
+        model = self.model
+        install_answer_only_head(model.get_base_model() if isinstance(model, PeftModel) else model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    dataset=data, lengths=lengths)
+
+
 class AnswerOnlySFTTrainer(AnswerOnlyLossMixin, GuardedSFTTrainer):
     """The answer-only loss (train/answer_loss.py, cfg.loss_impl) over TRL's compute_loss: on CPU, TRL's head scores
     the full vocabulary at every position, so this is the largest speed-up of a step at the same loss
@@ -237,6 +263,6 @@ def trainer_class(answer_only_loss: bool) -> type[GuardedSFTTrainer]:
     return AnswerOnlySFTTrainer if answer_only_loss else GuardedSFTTrainer
 
 
-__all__ = ["AnswerOnlySFTTrainer", "CompletionMarker", "GuardedDPOTrainer", "GuardedSFTTrainer", "ReturnFreedMemory",
+__all__ = ["AnswerOnlyDPOTrainer", "AnswerOnlySFTTrainer", "CompletionMarker", "GuardedDPOTrainer", "GuardedSFTTrainer", "ReturnFreedMemory",
            "SigintCallback", "StopOnSigint", "TrainingGuards", "all_ranks", "default_callbacks", "release_freed_memory",
            "trainer_class"]

@@ -1,0 +1,152 @@
+"""Answer-only log-probs for the preference stage, and its reference pass, computed once and kept in the run.
+
+Why: TRL's DPOTrainer (1.16) patches the model with a fused LM head that, off CUDA/XPU, projects *every* position
+of the [chosen; rejected] batch onto the vocabulary, prompt and padding included, and scores them in float32 tiles
+(trl/trainer/utils.py `add_fused_lm_head`, `compact = _use_triton(...)`). Only answer tokens carry a log-prob. Here
+that head is replaced by the SFT stage's answer-only one (train/answer_loss.py): the model is asked for logits at
+answer positions only (`logits_to_keep` as a boolean mask) and a chunked cross-entropy gives their log-probs, with
+the entropy, mean logit and top-1 TRL logs, from the same chunks. TRL's loss code is untouched: it reads the same
+per-token `log_probs` (zero off the answers), so every loss type works as before.
+
+The reference policy (the SFT adapter before the first step) is scored by a forward-only pass of its own: chosen and
+rejected sequences sorted together by length, packed into batches of a token budget, no gradients. Its result is
+written to the run (RunDir.reference_logps_file) with a fingerprint of what it depends on, so a resumed stage reads
+it back instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import console
+from ..files import read_json, write_json
+from ..run import RunDir
+from .answer_loss import ChunkedCrossEntropy, answer_positions
+
+log = logging.getLogger(__name__)
+
+# Tokens per reference batch: forward-only activations of one layer at a time, so large batches fit; larger ones
+# stopped paying on a CPU (docs/results.md#preference-stage-speed).
+REF_BATCH_TOKENS = 8192
+CACHE_FORMAT = 1
+
+
+def install_answer_only_head(base_model) -> None:
+    """Make `base_model(..., labels=..., fused_lm_head=True)` (TRL's call) compute log-probs at answer positions only.
+
+    `base_model` is the transformers model TRL patched (the PEFT wrapper's base model); calls without
+    fused_lm_head (generation) go to TRL's forward unchanged."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    trl_forward = base_model.forward
+    model_forward = type(base_model).forward
+
+    @functools.wraps(model_forward)  # keep the signature: generate() validates its kwargs against it
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or shift_labels is not None:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        keep, targets = answer_positions(labels)
+        kwargs["use_cache"] = False
+        logits = model_forward(self, *args, logits_to_keep=keep, **kwargs).logits
+        nll, top1, entropy, mean_logit = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets,
+                                                                   True)
+        mask = labels[:, 1:] != -100
+
+        def per_token(x: torch.Tensor) -> torch.Tensor:  # zero where the label is -100, as TRL's head returns
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=nll.sum() / denom, log_probs=per_token(-nll), entropy=per_token(entropy),
+                                   mean_logits=per_token(mean_logit), is_top1=per_token(top1), label_mask=mask)
+
+    base_model.forward = types.MethodType(forward, base_model)
+
+
+@torch.inference_mode()
+def sequence_logps(model, sequences: Sequence[Sequence[int]], answer_starts: Sequence[int], pad_id: int,
+                   batch_tokens: int = REF_BATCH_TOKENS, desc: str = "reference log-probs",
+                   progress: bool = True) -> list[float]:
+    """Summed log-prob of each sequence's tokens from `answer_starts[i]` on, in input order. Sequences are sorted by
+    length and packed into batches of at most `batch_tokens` (padded) tokens; padding is on the right."""
+    from ..model.loading import model_device
+
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    batches, batch = [], []
+    for i in order:  # longest first: a batch's width is its first sequence's length
+        if batch and (len(batch) + 1) * len(sequences[batch[0]]) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches += [batch] if batch else []
+    device, out = model_device(model), [0.0] * len(sequences)
+    for idx in console.progress(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        width = len(sequences[idx[0]])
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = torch.tensor(sequences[i])
+            ids[row, :len(seq)], attention[row, :len(seq)] = seq, 1
+            labels[row, answer_starts[i]:len(seq)] = seq[answer_starts[i]:]
+        keep, targets = answer_positions(labels)
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False,
+                       logits_to_keep=keep.to(device)).logits
+        nll = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.to(device))[0]
+        for i, chunk in zip(idx, torch.split(nll.double().cpu(), keep.sum(dim=1).tolist())):
+            out[i] = -chunk.sum().item()
+    return out
+
+
+def pair_logps(model, pairs, pad_id: int, desc: str, progress: bool = True) -> dict[str, list[float]]:
+    """{"chosen": [...], "rejected": [...]}: each pair's summed answer log-probs, both answers in one sorted pass."""
+    prompts, n = list(pairs["prompt_ids"]), len(pairs)
+    sequences = [p + c for p, c in zip(prompts, pairs["chosen_ids"])] + \
+                [p + r for p, r in zip(prompts, pairs["rejected_ids"])]
+    starts = [len(p) for p in prompts] * 2
+    logps = sequence_logps(model, sequences, starts, pad_id, desc=desc, progress=progress)
+    return {"chosen": logps[:n], "rejected": logps[n:]}
+
+
+def fingerprint(pairs_by_split: dict[str, Any], reference: dict[str, Any]) -> str:
+    """What the reference log-probs depend on: the token ids of every pair, and the reference policy (the SFT
+    adapter's hash, the base model, the compute dtype)."""
+    h = hashlib.sha256(json.dumps(reference, sort_keys=True, default=str).encode())
+    for name in sorted(pairs_by_split):
+        pairs = pairs_by_split[name]
+        h.update(name.encode())
+        for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(json.dumps(list(pairs[column])).encode())
+    return h.hexdigest()
+
+
+def cached_reference(run: RunDir, pairs_by_split: dict[str, Any], reference: dict[str, Any], compute,
+                     ) -> tuple[dict[str, dict[str, list[float]]], bool]:
+    """(log-probs per split, whether they were read back). `compute(name, pairs)` scores one split; the result is
+    written to the run (atomically) before training starts."""
+    key = fingerprint(pairs_by_split, reference)
+    saved = read_json(run.reference_logps_file)
+    if saved and saved.get("format") == CACHE_FORMAT and saved.get("fingerprint") == key:
+        return saved["splits"], True
+    if saved:
+        log.info("%s was computed for other pairs or another reference: computing it again",
+                 run.reference_logps_file.name)
+    splits = {name: compute(name, pairs) for name, pairs in pairs_by_split.items() if len(pairs)}
+    write_json(run.reference_logps_file, {"format": CACHE_FORMAT, "fingerprint": key, "reference": reference,
+                                          "splits": splits})
+    return splits, False
+
+
+def with_reference_columns(pairs, logps: dict[str, list[float]]):
+    return pairs.add_column("ref_chosen_logps", logps["chosen"]).add_column("ref_rejected_logps", logps["rejected"])
+
+
+__all__ = ["cached_reference", "install_answer_only_head", "pair_logps", "sequence_logps", "with_reference_columns"]
