@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -139,9 +140,10 @@ def cached_reference(run: RunDir, pairs_by_split: dict[str, Any], reference: dic
     if saved:
         log.info("%s was computed for other pairs or another reference: computing it again",
                  run.reference_logps_file.name)
+    t0 = time.perf_counter()
     splits = {name: compute(name, pairs) for name, pairs in pairs_by_split.items() if len(pairs)}
     write_json(run.reference_logps_file, {"format": CACHE_FORMAT, "fingerprint": key, "reference": reference,
-                                          "splits": splits})
+                                          "seconds": round(time.perf_counter() - t0, 2), "splits": splits})
     return splits, False
 
 
