@@ -69,12 +69,19 @@ def reference_score_model(model, tokenizer, cfg, rows, batch_size=8, seed=0):
 
 
 @torch.inference_mode()
-def reference_greedy(model, tokenizer, questions, max_new_tokens, batch_size, system_prompt):
+def reference_greedy(model, tokenizer, questions, max_new_tokens, batch_size, system_prompt, do_sample=False,
+                     seed=0):
+    from transformers import set_seed
+
     from fine_tune_llm.data.chat_template import render_prompt, with_system
     from fine_tune_llm.model.generation import generation_config
 
     gen = generation_config(tokenizer, getattr(model, "generation_config", None))
-    gen.update(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+    gen.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if not do_sample:
+        gen.update(temperature=None, top_p=None, top_k=None)
+    else:
+        set_seed(seed)  # each column reseeded: the same global stream, consumed batch by batch
     stop_ids = set(gen.eos_token_id)
     conversations = [[{"role": "user", "content": q}] if isinstance(q, str) else list(q) for q in questions]
     prompts = [render_prompt(tokenizer, with_system(c, system_prompt)) for c in conversations]
@@ -92,11 +99,13 @@ def reference_greedy(model, tokenizer, questions, max_new_tokens, batch_size, sy
     return out
 
 
-def reference_columns_greedy(columns, tokenizer, questions, max_new_tokens, system_prompt, batch_size=8):
+def reference_columns_greedy(columns, tokenizer, questions, max_new_tokens, system_prompt, batch_size=8,
+                             do_sample=False, seed=0):
     answers = {}
     for name in columns.names:
         with columns.use(name) as model:
-            answers[name] = reference_greedy(model, tokenizer, questions, max_new_tokens, batch_size, system_prompt)
+            answers[name] = reference_greedy(model, tokenizer, questions, max_new_tokens, batch_size, system_prompt,
+                                             do_sample, seed)
     return answers
 
 
