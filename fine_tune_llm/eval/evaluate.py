@@ -89,7 +89,7 @@ def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], 
     rows, encoded once for several models."""
     parts = parts if parts is not None else scoring_parts(tokenizer, cfg, rows)
     scored = score_parts(model, tokenizer, parts, batch_size, desc=label or "scoring", progress=progress)
-    return column_metrics(scored, rows, cfg, seed)
+    return column_metrics(scored, rows, seed)
 
 
 def scoring_parts(tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
@@ -111,8 +111,7 @@ def _final_is_chosen(cfg: TrainConfig, pairs: list[dict[str, Any]]) -> bool:
     return cfg.train_on == "last" or all(assistant_turns(r) == 1 for r in pairs)
 
 
-def column_metrics(scored: dict[str, Scored], rows: list[dict[str, Any]], cfg: TrainConfig,
-                   seed: int = 0) -> dict[str, Any]:
+def column_metrics(scored: dict[str, Scored], rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
     """score_model's numbers from the scored parts: language metrics of "chosen", preference of final vs rejected
     over the pairs neither of which was cut short (a cut conversation has lost its final answer)."""
     chosen = scored["chosen"]
