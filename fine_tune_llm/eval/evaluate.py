@@ -15,14 +15,16 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
 from ..data.formats import DataFormat, assistant_turns, conversation, with_answer
 from ..data.rows import without_rejected
+from ..data.tokenized import encode_examples
 from ..errors import ConfigError, DataError
-from ..model.generation import generate_answers
+from ..model.generation import BASE, GENERATION_ROWS, generate_columns
 from ..model.hardware import check_environment
 from ..model.loading import check_adapter_folder, guard_cpu_4bit, load_model, load_tokenizer
 from ..run import RunDir
@@ -30,7 +32,7 @@ from ..run_lock import hold
 from ..train.lineage import parent_of
 from . import harness as lm_harness
 from . import harness_report
-from .scoring import language_metrics, preference_metrics, score_examples
+from .scoring import Scored, language_metrics, preference_metrics, score_parts
 
 log = logging.getLogger(__name__)
 # float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
@@ -77,27 +79,50 @@ def eval_rows(run: RunDir, split: str = "test") -> list[dict[str, Any]]:
 
 
 def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
-                label: str = "", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                label: str = "", seed: int = 0, progress: bool = True,
+                parts: dict[str, dict[str, list[Any]]] | None = None) -> dict[str, Any]:
     """Perplexity and bits per byte over every trained assistant token (cfg.train_on), and preference over the rows
-    with a rejected answer: the final answer against its rejected alternative, given the same earlier turns."""
-    kwargs = {"max_length": cfg.max_length, "system_prompt": cfg.system_prompt, "batch_size": batch_size,
-              "progress": progress}
-    chosen = score_examples(model, tokenizer, rows, train_on=cfg.train_on, desc=f"{label} chosen".strip(), **kwargs)
+    with a rejected answer: the final answer against its rejected alternative, given the same earlier turns.
+
+    Every sequence this needs is scored in one pass (scoring.score_parts). `parts`: scoring_parts(...) of the same
+    rows, encoded once for several models."""
+    parts = parts if parts is not None else scoring_parts(tokenizer, cfg, rows)
+    scored = score_parts(model, tokenizer, parts, batch_size, desc=label or "scoring", progress=progress)
+    return column_metrics(scored, rows, seed)
+
+
+def scoring_parts(tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+    """The sequences a column is scored on, tokenized as training does: every row's conversation ("chosen", its
+    trained turns); for the rows with a rejected answer, that answer after the same earlier turns ("rejected"); and
+    the chosen final answer alone ("final") where "chosen" trains earlier turns too (train_on all, multi-turn)."""
+    encode = partial(encode_examples, tokenizer, max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    parts = {"chosen": encode(rows, train_on=cfg.train_on)}
+    pairs = [r for r in rows if r.get("rejected")]
+    if pairs and not _final_is_chosen(cfg, pairs):
+        parts["final"] = encode(pairs, train_on="last")
+    if pairs:
+        parts["rejected"] = encode([{**r, "messages": with_answer(r, r["rejected"])} for r in pairs], train_on="last")
+    return parts
+
+
+def _final_is_chosen(cfg: TrainConfig, pairs: list[dict[str, Any]]) -> bool:
+    """Whether the chosen conversation's trained tokens are its final answer's already."""
+    return cfg.train_on == "last" or all(assistant_turns(r) == 1 for r in pairs)
+
+
+def column_metrics(scored: dict[str, Scored], rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """score_model's numbers from the scored parts: language metrics of "chosen", preference of final vs rejected
+    over the pairs neither of which was cut short (a cut conversation has lost its final answer)."""
+    chosen = scored["chosen"]
     metrics = language_metrics(chosen)
-    pair_rows = [i for i, r in enumerate(rows) if r.get("rejected")]
-    if not pair_rows:
+    if "rejected" not in scored:
         metrics["pairs"] = 0
         return metrics
-    pairs = [rows[i] for i in pair_rows]
-    if cfg.train_on == "last" or all(assistant_turns(r) == 1 for r in pairs):
-        final = chosen.subset(pair_rows)  # the tokens scored are the final answer's already
-    else:
-        final = score_examples(model, tokenizer, pairs, train_on="last", desc=f"{label} final".strip(), **kwargs)
-    rejected = score_examples(model, tokenizer, [{**r, "messages": with_answer(r, r["rejected"])} for r in pairs],
-                              train_on="last", desc=f"{label} rejected".strip(), **kwargs)
+    pair_rows = [i for i, r in enumerate(rows) if r.get("rejected")]
+    final, rejected = scored.get("final") or chosen.subset(pair_rows), scored["rejected"]
     f_at = {i: n for n, i in enumerate(final.kept) if final.status[n] != "cut"}
     r_at = {i: n for n, i in enumerate(rejected.kept) if rejected.status[n] != "cut"}
-    both = [(f_at[i], r_at[i]) for i in range(len(pairs)) if i in f_at and i in r_at]
+    both = [(f_at[i], r_at[i]) for i in range(len(pair_rows)) if i in f_at and i in r_at]
     metrics.update(preference_metrics(([final.nats[j] for j, _ in both], [final.tokens[j] for j, _ in both]),
                                       ([rejected.nats[k] for _, k in both], [rejected.tokens[k] for _, k in both]),
                                       seed=seed))
@@ -148,22 +173,21 @@ def load_columns(run: RunDir, cfg: TrainConfig, quantized: bool = False) -> Colu
 
 
 def compare_generations(columns: Columns, tokenizer, questions: list[str | list[dict[str, str]]], max_new_tokens: int,
-                        batch_size: int, system_prompt: str | None, seed: int,
+                        rows: int, system_prompt: str | None, seed: int,
                         progress: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """Greedy and sampled answers from every column, with the same settings and seed. A question is a user's text
-    or a conversation ending with a user turn (generate_answers)."""
+    """Greedy and sampled answers from every column, with the same settings and seed, generated together: one
+    batch holds several columns' answers (model.generation.generate_columns, `rows` answers a batch). A question
+    is a user's text or a conversation ending with a user turn (generate_answers)."""
+    adapters = {name: BASE if name == "base" else name for name in columns.names}
+    answers = generate_columns(columns.model, tokenizer, questions, list(adapters.values()), max_new_tokens, seed,
+                               rows, system_prompt, progress=progress)
     out: dict[str, list[dict[str, Any]]] = {}
-    for mode, sample in (("greedy", False), ("sampled", True)):
-        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": sample, "seed": seed, "batch_size": batch_size,
-                  "system_prompt": system_prompt, "progress": progress}
-        answers = {}
-        for name in columns.names:
-            with columns.use(name) as model:
-                answers[name] = generate_answers(model, tokenizer, questions, **kwargs)
-        first = answers[columns.names[0]]
+    for mode, by_adapter in answers.items():
+        first = by_adapter[adapters[columns.names[0]]]
         out[mode] = [{"question": first[i]["question"], **({"context": first[i]["context"]} if "context" in first[i]
                                                           else {}),
-                      **{name: _strip(answers[name][i]) for name in columns.names}} for i in range(len(questions))]
+                      **{name: _strip(by_adapter[adapters[name]][i]) for name in columns.names}}
+                     for i in range(len(questions))]
     return out
 
 
@@ -211,10 +235,12 @@ def _strip(answer: dict[str, Any]) -> dict[str, Any]:
 def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
                  progress: bool = True, quantized: bool = False, tasks: str | Sequence[str] | None = None,
-                 limit: int | None = None) -> dict[str, Any]:
+                 limit: int | None = None, generation_rows: int = GENERATION_ROWS) -> dict[str, Any]:
     """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row.
 
-    tasks: lm-evaluation-harness tasks run on the same columns too (eval/harness.py), `limit` items of each."""
+    Each column is one scoring pass (batch_size sequences a batch); the generations of every column are made
+    together, generation_rows answers a batch. tasks: lm-evaluation-harness tasks run on the same columns too
+    (eval/harness.py), `limit` items of each."""
     from .report import append_runs_csv, build_report, write_report
     from .report_plot import plot_report
 
@@ -229,15 +255,16 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
         tokenizer = load_tokenizer(cfg)
         harness = lm_harness.plan(run, cfg, tokenizer, rows, tasks, split) if tasks else None
         columns = load_columns(run, cfg, quantized)
-        metrics = {}
+        parts, metrics = scoring_parts(tokenizer, cfg, rows), {}
         for name in columns.names:
             with columns.use(name) as model:
                 metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
-                                            seed=seed, progress=progress)
+                                            seed=seed, progress=progress, parts=parts)
         questions = generation_prompts(rows, n_generations)
-        generations = compare_generations(columns, tokenizer, questions, max_new_tokens, batch_size,
+        generations = compare_generations(columns, tokenizer, questions, max_new_tokens, generation_rows,
                                           cfg.system_prompt, seed, progress) if questions else {}
-        settings = {"split": split, "batch_size": batch_size, "n_generations": len(questions),
+        settings = {"split": split, "batch_size": batch_size, "generation_rows": generation_rows,
+                    "n_generations": len(questions),
                     "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
                     "weights": columns.weights, "quantized": quantized, "sampling": _sampling_settings(columns.model),
                     "train_on": cfg.train_on, "data": run.data_record(),

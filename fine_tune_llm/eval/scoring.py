@@ -123,11 +123,26 @@ def score_examples(model, tokenizer, examples: Sequence[dict[str, Any]], max_len
 
 def score_encoded(model, tokenizer, enc: dict[str, list[Any]], batch_size: int = 8, desc: str | None = None,
                   progress: bool = True) -> Scored:
-    kept = [i for i, s in enumerate(enc["status"]) if s != "too_long"]
-    nats, tokens = score_tokens(model, [enc["input_ids"][i] for i in kept],
-                                [enc["completion_mask"][i] for i in kept], pad_id=_pad_id(tokenizer),
-                                batch_size=batch_size, desc=desc, progress=progress)
-    return Scored(nats, tokens, [enc["answer_bytes"][i] for i in kept], kept, [enc["status"][i] for i in kept])
+    return score_parts(model, tokenizer, {"": enc}, batch_size, desc, progress)[""]
+
+
+def score_parts(model, tokenizer, parts: dict[str, dict[str, list[Any]]], batch_size: int = 8,
+                desc: str | None = None, progress: bool = True) -> dict[str, Scored]:
+    """Several encodings (encode_examples' output, by name) scored in one length-sorted stream of batches: one pass
+    over the model however many sets a column needs. A sequence scores the same in any batch (score_tokens), so
+    this equals scoring each set on its own."""
+    kept = {name: [i for i, s in enumerate(enc["status"]) if s != "too_long"] for name, enc in parts.items()}
+    ids = [parts[name]["input_ids"][i] for name in parts for i in kept[name]]
+    masks = [parts[name]["completion_mask"][i] for name in parts for i in kept[name]]
+    nats, tokens = score_tokens(model, ids, masks, pad_id=_pad_id(tokenizer), batch_size=batch_size, desc=desc,
+                                progress=progress)
+    out, start = {}, 0
+    for name, enc in parts.items():
+        rows, stop = kept[name], start + len(kept[name])
+        out[name] = Scored(nats[start:stop], tokens[start:stop], [enc["answer_bytes"][i] for i in rows], rows,
+                           [enc["status"][i] for i in rows])
+        start = stop
+    return out
 
 
 def _pad_id(tokenizer) -> int:

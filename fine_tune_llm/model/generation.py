@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ def save_inference_files(tokenizer, model, out: Path) -> None:
     generation_config(tokenizer, getattr(model, "generation_config", None)).save_pretrained(str(out))
 
 
+# Rows of one generate call when several columns answer together (generate_columns): larger batches cost much less
+# per token on a CPU, up to a point (measured: docs/results.md#evaluation-speed).
+GENERATION_ROWS = 48
+BASE = "__base__"  # peft's name for "every adapter off" in a mixed-adapter batch
+
+
 @torch.inference_mode()
 def generate_answers(model, tokenizer, questions: Sequence[str | list[dict[str, str]]], max_new_tokens: int = 128,
                      do_sample: bool = False, seed: int = 0, batch_size: int = 8, system_prompt: str | None = None,
@@ -53,35 +60,141 @@ def generate_answers(model, tokenizer, questions: Sequence[str | list[dict[str, 
     A question is a user's text, or a conversation ending with a user turn: the answer is to that last turn, given
     the earlier ones (whose result dict then carries them as `context`). Batches are padded on the left so every
     prompt ends where generation starts. `seconds` is the batch's wall time shared equally by its answers.
-    Sampling reseeds first, so base and tuned draw the same random stream.
+    Sampling reseeds first, so two models answering the same questions draw the same random stream.
     """
     from transformers import set_seed
 
-    gen = generation_config(tokenizer, getattr(model, "generation_config", None))
-    gen.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
-    if not do_sample:  # greedy: drop sampling knobs a base config may carry, so transformers does not warn
-        gen.update(temperature=None, top_p=None, top_k=None)
-    stop_ids = set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
-    conversations = [[{"role": "user", "content": q}] if isinstance(q, str) else list(q) for q in questions]
-    prompts = [render_prompt(tokenizer, with_system(c, system_prompt)) for c in conversations]
+    gen, _ = _generation_settings(model, tokenizer, max_new_tokens, do_sample)
+    conversations, prompts = _prompts(tokenizer, questions, system_prompt)
     if do_sample:
         set_seed(seed)
-    device, out = model_device(model), []
+    out = []
     for start in console.progress(range(0, len(prompts), batch_size), desc="generating", unit="batch",
                                   disable=not progress, leave=False):
         t0 = time.perf_counter()
-        # The rendered prompt holds <bos> already.
-        enc = tokenizer(prompts[start:start + batch_size], add_special_tokens=False, padding=True,
-                        padding_side="left", return_tensors="pt").to(device)
+        enc = _left_padded(tokenizer, prompts[start:start + batch_size], model_device(model))
         ids = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].tolist()
         seconds = (time.perf_counter() - t0) / len(ids)
-        for turns, new in zip(conversations[start:start + batch_size], ids):
-            stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
-            kept = new if stop is None else new[:stop]
-            context = {"context": turns[:-1]} if len(turns) > 1 else {}
-            out.append({"question": turns[-1]["content"], **context,
-                        "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                        "new_tokens": len(kept) + (stop is not None), "hit_max_tokens": stop is None,
-                        "stopped_on": None if stop is None else tokenizer.convert_ids_to_tokens(new[stop]),
-                        "seconds": round(seconds, 4)})
+        out += [_answer(tokenizer, turns, new, gen, seconds) for turns, new in zip(conversations[start:], ids)]
     return out
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One row of a mixed batch: question `question` (an index) answered by `adapter` (BASE: adapters off)."""
+
+    question: int
+    adapter: str
+    sample: bool
+
+
+@torch.inference_mode()
+def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, str]]], adapters: Sequence[str],
+                     max_new_tokens: int = 128, seed: int = 0, rows: int = GENERATION_ROWS,
+                     system_prompt: str | None = None, modes: Sequence[str] = ("greedy", "sampled"),
+                     progress: bool = True) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every adapter's greedy and sampled answers to the same questions, `rows` answers per generate call:
+    {mode: {adapter: [answer per question]}}, answers as generate_answers makes them.
+
+    One base model, adapters mixed in a batch (peft's adapter_names; BASE runs with every adapter off), padded on
+    the left: a greedy answer is the one generate_answers gives with that adapter alone. A sampled answer draws
+    from its own generator, seeded by (seed, question): it depends on the model, the question and the seed only,
+    never on the batch it shares, and every adapter answering a question draws the same random stream.
+    Rows are ordered adapter by adapter, so a batch mostly holds answers of similar length. A model without
+    adapters (no peft) answers as BASE.
+    """
+    from transformers import LogitsProcessorList
+
+    gen, warpers = _generation_settings(model, tokenizer, max_new_tokens, do_sample=False)
+    conversations, prompts = _prompts(tokenizer, questions, system_prompt)
+    asks = [Ask(q, a, mode == "sampled") for a in adapters for mode in modes for q in range(len(questions))]
+    answers: dict[Ask, dict[str, Any]] = {}
+    for start in console.progress(range(0, len(asks), rows), desc="generating", unit="batch",
+                                  disable=not progress, leave=False):
+        batch = asks[start:start + rows]
+        t0 = time.perf_counter()
+        enc = _left_padded(tokenizer, [prompts[a.question] for a in batch], model_device(model))
+        # Named on every row, base rows too: without adapter_names a peft model runs its active adapter.
+        extra = {"adapter_names": [a.adapter for a in batch]} if hasattr(model, "peft_config") else {}
+        if any(a.sample for a in batch):
+            sampler = RowSampler(warpers, [_row_seed(seed, prompts[a.question]) if a.sample else None for a in batch],
+                                 enc["input_ids"].device)
+            extra["logits_processor"] = LogitsProcessorList([sampler])
+        ids = model.generate(**enc, generation_config=gen, **extra)[:, enc["input_ids"].shape[1]:].tolist()
+        seconds = (time.perf_counter() - t0) / len(ids)
+        for ask, new in zip(batch, ids):
+            answers[ask] = _answer(tokenizer, conversations[ask.question], new, gen, seconds)
+    return {mode: {a: [answers[Ask(q, a, mode == "sampled")] for q in range(len(questions))] for a in adapters}
+            for mode in modes}
+
+
+class RowSampler:
+    """A logits processor that samples each row with its own generator (rows without one stay greedy) and hands
+    generate a one-hot score, so greedy decoding keeps the pick. The warpers are those generate itself applies
+    when sampling (temperature, top-k, top-p, from the model's generation config), in the same order."""
+
+    def __init__(self, warpers: list, seeds: list[int | None], device: torch.device):
+        self.warpers = warpers
+        self.generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        for row, generator in enumerate(self.generators):
+            if generator is None:
+                continue
+            warped = scores[row:row + 1]
+            for warper in self.warpers:
+                warped = warper(input_ids[row:row + 1], warped)
+            pick = torch.multinomial(torch.softmax(warped[0], dim=-1), 1, generator=generator)
+            out[row] = float("-inf")
+            out[row, pick] = 0.0
+        return out
+
+
+def _row_seed(seed: int, prompt: str) -> int:
+    """A seed per (seed, question): the question's rendered prompt hashed, so an answer's random stream does not
+    depend on where its question stands in the list, nor on the questions beside it."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}\n{prompt}".encode()).digest()[:8], "little") >> 1
+
+
+def _generation_settings(model, tokenizer, max_new_tokens: int, do_sample: bool):
+    """The generation config (stops at the end of the turn) and the warpers sampling applies, in generate's order."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    gen = generation_config(tokenizer, getattr(model, "generation_config", None))
+    warpers = []
+    if gen.temperature is not None and gen.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(gen.temperature))
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p is not None and gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+    gen.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if not do_sample:  # greedy: drop sampling knobs a base config may carry, so transformers does not warn
+        gen.update(temperature=None, top_p=None, top_k=None)
+    return gen, warpers
+
+
+def _prompts(tokenizer, questions, system_prompt):
+    conversations = [[{"role": "user", "content": q}] if isinstance(q, str) else list(q) for q in questions]
+    return conversations, [render_prompt(tokenizer, with_system(c, system_prompt)) for c in conversations]
+
+
+def _left_padded(tokenizer, prompts: list[str], device):
+    # The rendered prompt holds <bos> already.
+    return tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left",
+                     return_tensors="pt").to(device)
+
+
+def _answer(tokenizer, turns: list[dict[str, str]], new: list[int], gen, seconds: float) -> dict[str, Any]:
+    stop_ids = set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+    stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+    kept = new if stop is None else new[:stop]
+    context = {"context": turns[:-1]} if len(turns) > 1 else {}
+    return {"question": turns[-1]["content"], **context,
+            "answer": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            "new_tokens": len(kept) + (stop is not None), "hit_max_tokens": stop is None,
+            "stopped_on": None if stop is None else tokenizer.convert_ids_to_tokens(new[stop]),
+            "seconds": round(seconds, 4)}
