@@ -127,7 +127,7 @@ class TransformersJudge:
     def _label_ids(self, labels: Sequence[str]) -> list[list[int]]:
         key = tuple(labels)
         if key not in self._ids:
-            encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+            encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)
             self._ids[key] = single_token_ids(encode, labels, self.name)
         return self._ids[key]
 
@@ -157,6 +157,9 @@ class LlamaCppJudge:
         if not self.path.is_file():
             raise ConfigError(f"judge GGUF file not found: {self.path}")
         self._lib = llama_cpp
+        # Prompt evaluation gets the same threads as generation (llama-cpp-python's default, half the cores): with
+        # every core its default, OpenMP threads spin against each other on a busy machine, many times slower.
+        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads,
                                    n_threads_batch=n_threads, logits_all=False, verbose=False)
         # Freed while the interpreter still runs: llama-cpp-python's own __del__ fails at exit once its library
@@ -209,7 +212,7 @@ class LlamaCppJudge:
     def _label_ids(self, labels: Sequence[str]) -> list[list[int]]:
         key = tuple(labels)
         if key not in self._ids:
-            encode = lambda text: self.llm.tokenize(text.encode(), add_bos=False, special=False)  # noqa: E731
+            encode = lambda text: self.llm.tokenize(text.encode(), add_bos=False, special=False)
             self._ids[key] = single_token_ids(encode, labels, str(self.path))
         return self._ids[key]
 
@@ -260,7 +263,7 @@ class OpenAIJudge:
         request = urllib.request.Request(self._root + path, data=data, headers=headers)
         where = f"judge server {self._root}{path}"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
