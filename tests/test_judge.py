@@ -70,6 +70,9 @@ def test_a_judge_that_always_prefers_position_a_gives_a_fifty_percent_win_rate_a
     assert out["ties"] == 20 and out["wins"] == out["losses"] == 0
     item = out["items"][0]
     assert (item["p_x_as_a"], item["p_x_as_b"]) == pytest.approx((0.8, 0.2))
+    calibrated = J.calibrate(judge, questions, tuned, base, progress=False)
+    assert calibrated["agreement"] == 0.5 and not calibrated["trusted"]
+    assert "same winner in both orders on only 0% of pairs" in calibrated["verdict"]
 
 
 def test_length_control_removes_a_taste_for_length_and_keeps_one_for_content():

@@ -230,7 +230,7 @@ def calibrate(judge: Judge, questions: Sequence[str], chosen: Sequence[str], rej
         "near_equal_length": {"pairs": len(near),
                               **(_agreement(near, n_boot, seed) if len(near) >= MIN_SUBSET else {})},
         "trusted": bool(raw["pairs"]) and raw["agreement_ci95"][0] > 0.5 and matched["agreement_ci95"][0] > 0.5,
-        "verdict": calibration_verdict(raw, matched),
+        "verdict": calibration_verdict(raw, matched, raw_summary.get("order_consistent")),
         "items": raw_items, "length_matched_items": cut_items,
     }
 
@@ -247,10 +247,19 @@ def _agreement(items: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str,
             "mean_p_chosen": float(per_question(soft, questions).mean())}
 
 
-def calibration_verdict(raw: dict[str, Any], matched: dict[str, Any]) -> str:
-    """One plain sentence: can the report trust this judge's verdicts on this data?"""
+def calibration_verdict(raw: dict[str, Any], matched: dict[str, Any], order_consistent: float | None = None) -> str:
+    """Plain sentences: can the report trust this judge's verdicts on this data?"""
     if not raw["pairs"]:
         return "The judge was not calibrated: no reference pairs."
+    verdict = _agreement_verdict(raw, matched)
+    if order_consistent is not None and order_consistent < 0.5:
+        # Its two orders then differ by a hair on most pairs: which side the hair falls is not a judgement.
+        verdict += (f" It names the same winner in both orders on only {order_consistent:.0%} of pairs: its choice "
+                    f"follows the position, not the answers.")
+    return verdict
+
+
+def _agreement_verdict(raw: dict[str, Any], matched: dict[str, Any]) -> str:
 
     def said(part: dict[str, Any]) -> str:
         lo, hi = part["agreement_ci95"]
