@@ -268,3 +268,11 @@ def test_the_gguf_backend_reuses_the_shared_prefix_without_changing_a_verdict():
     assert all(v < 0 for v in a) and math.exp(a[0]) + math.exp(a[1]) > 0.5  # the labels are what it would say
     yes_no = judge.label_logprobs(first, ("Yes", "No"))
     assert yes_no != pytest.approx(a, abs=1e-3)
+
+
+def test_the_evaluation_page_quotes_the_rubric_verbatim():
+    from tests.conftest import REPO
+
+    page = (REPO / "docs" / "evaluation.md").read_text()
+    quoted = "\n".join(line[2:] if line.startswith("> ") else "" for line in page.splitlines() if line.startswith(">"))
+    assert J.RUBRIC in quoted
