@@ -137,3 +137,22 @@ def test_the_committed_harness_check_agrees_with_our_scorer_on_every_pair():
         assert float(r["lm_eval_acc"]) == float(r["ours_accuracy_sum"])
         assert int(r["sign_disagreements"]) == 0 and float(r["max_abs_margin_diff"]) < 1e-3
     assert float(rows["SFT"]["ours_accuracy_sum"]) > float(rows["base"]["ours_accuracy_sum"])  # not a constant
+
+
+@pytest.mark.slow
+def test_judge_calibration_writes_agreements_with_their_intervals(tmp_path):
+    from tests.conftest import REAL_DATA, SMOLLM_DIR, SMOLLM_GGUF, need
+
+    need(REAL_DATA), need(SMOLLM_DIR / SMOLLM_GGUF)
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "bench_judge.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "judge_calibration.py"), "--pairs", "3",
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out, newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["pairs"] == "3" and row["backend"] == "llama.cpp" and row["chosen_longer"] == "1.0"
+    for name in ("agreement", "lm_agreement"):
+        lo, mid, hi = (float(row[k]) for k in (f"{name}_ci95_low", name, f"{name}_ci95_high"))
+        assert 0 <= lo <= mid <= hi <= 1
+    assert -0.5 <= float(row["position_bias"]) <= 0.5 and row["verdict"].startswith("The judge agrees")
