@@ -51,7 +51,7 @@ CONFIGS = REPO / "configs" / "accelerate"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"throughput rows, from: {', '.join(ROWS)}")
-    p.add_argument("--skip", default="", help="checks to skip: auto,grads,rows,bf16,fp16,fsdp,ddp")
+    p.add_argument("--skip", default="", help="checks to skip: auto,grads,rows,bf16,fp16,dpo,fsdp,ddp")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per throughput row")
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from the timings")
     p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
@@ -232,6 +232,38 @@ def check_one_step(ctx, dtype: str) -> dict:
                                 f"(want {want})"}
 
 
+def check_preference(ctx) -> dict:
+    """SFT then the DPO stage on the check model, in-process: step times (training runtime less evaluations, over
+    steps), the reference pass as the stage recorded it, and each stage's peak GPU memory. Rows go to
+    bench_preference_cuda.csv, the GPU side of metrics/bench_preference_speed_cpu.csv."""
+    from fine_tune_llm.train.lineage import preference_config
+    from fine_tune_llm.train.preference import train_preference
+    from fine_tune_llm.train.sft import train
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-dpo-") as tmp:
+        for stage in ("sft", "dpo"):
+            torch.cuda.reset_peak_memory_stats()
+            common = {"max_steps": 8, "output_dir": f"{tmp}/{stage}", "metrics_dir": tmp, "imgs_dir": tmp}
+            if stage == "sft":
+                result = train(ctx["cfg"](**common), resume=False)
+            else:
+                result = train_preference(preference_config(f"{tmp}/sft", **common), resume=False)
+            state = json.loads((Path(tmp) / stage / "trainer_state.json").read_text())
+            runtime = next(h["train_runtime"] for h in reversed(state["log_history"]) if "train_runtime" in h)
+            evals = sum(h.get("eval_runtime", 0) for h in state["log_history"])
+            rows.append({"row": f"{stage}_step", "seconds": round((runtime - evals) / state["global_step"], 3),
+                         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                         "loss": result.train_loss})
+        ref = json.loads((Path(tmp) / "dpo" / "reference_logps.json").read_text())
+        rows.append({"row": "ref_pass", "seconds": ref["seconds"], "pairs": len(ref["splits"]["train"]["chosen"])})
+    ctx["preference_rows"] = rows
+    ratio = rows[1]["seconds"] / rows[0]["seconds"]
+    ok = all(math.isfinite(r.get("loss", 0) or math.nan) for r in rows[:2])
+    return {"ok": ok, "detail": f"dpo_step / sft_step {ratio:.2f}; DPO peak {rows[1]['peak_mem_gb']} GB; "
+                                f"reference pass {rows[2]['seconds']} s for {rows[2]['pairs']} pairs"}
+
+
 def launch(ctx, config: str, processes: int, steps: int, *flags: str) -> dict:
     """`accelerate launch` of the training CLI on the check model; passes when every step ran."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-launch-") as tmp:
@@ -319,6 +351,7 @@ def checks(a, ctx) -> list[tuple[str, object, tuple]]:
     fsdp_flags = ("--gradient-checkpointing", "false")  # FSDP's own activation checkpointing replaces it
     return [("auto", check_auto, (ctx,)), ("grads", check_grads, (ctx,)), ("rows", check_rows, (ctx, a)),
             ("bf16", check_one_step, (ctx, "bfloat16")), ("fp16", check_one_step, (ctx, "float16")),
+            ("dpo", check_preference, (ctx,)),
             ("fsdp", launch, (ctx, "fsdp_qlora.yaml", 1, 3, *fsdp_flags)), ("ddp", check_ddp, (ctx,))]
 
 
@@ -338,6 +371,8 @@ def main(argv=None) -> int:
     written = [write_rows(out / "gpu_check_cuda.csv", results, extra)]
     if ctx.get("rows"):
         written.append(write_rows(out / "bench_train_throughput_cuda.csv", ctx["rows"], extra))
+    if ctx.get("preference_rows"):
+        written.append(write_rows(out / "bench_preference_cuda.csv", ctx["preference_rows"], extra))
     print(f"wrote {', '.join(map(str, written))}; whole run {time.perf_counter() - t0:.0f} s")
     return 1 if any(r["ok"] is False for r in results) else 0
 

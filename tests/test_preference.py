@@ -35,7 +35,9 @@ def dpo(sft):
 
     # A rate far above the preset's moves the toy a long way in 8 steps: these tests check the mechanism (loss,
     # margins, lineage), not what the preset's stage does to the toy's answers (test_notebooks.py looks at that).
-    cfg = preference_config(sft.path, learning_rate=5e-3, max_steps=8, logging_steps=1, eval_steps=8, save_steps=8)
+    # group_by_length as the CPU preset runs it: length-grouped training batches, evaluation sorted by length
+    cfg = preference_config(sft.path, learning_rate=5e-3, max_steps=8, logging_steps=1, eval_steps=8, save_steps=8,
+                            group_by_length=True)
     return cfg, train_preference(cfg, resume=False)
 
 
@@ -81,6 +83,26 @@ def test_reference_log_probs_are_the_sft_models_own(sft):
         theirs = torch.tensor(pairs[f"ref_{answer}_logps"])
         # bf16 compute on both sides, batched differently: a few hundredths of a nat on sums of ~100 tokens
         assert torch.allclose(theirs, ours, rtol=1e-2, atol=0.1), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_pair_packed_on_one_shared_prompt_scores_as_its_two_sequences_apart(sft, attention):
+    """The reference pass runs each prompt once (prompt + chosen + rejected in one row, the rejected answer masked
+    from the chosen one, its positions restarted): in float32 its log-probs equal scoring the two sequences apart."""
+    from fine_tune_llm.train.preference_logps import packed_pair_logps, sequence_logps
+
+    cfg, _run, tok, data, policy = _ref_setup(sft, f"packed-{attention}", dtype="float32")
+    policy.config._attn_implementation = attention
+    pairs = data["train"]
+    prompts, chosen, rejected = list(pairs["prompt_ids"]), list(pairs["chosen_ids"]), list(pairs["rejected_ids"])
+    policy.eval()
+    packed = packed_pair_logps(policy, prompts, chosen, rejected, tok.pad_token_id, batch_tokens=1500, progress=False)
+    apart = sequence_logps(policy, [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)],
+                           [len(p) for p in prompts] * 2, tok.pad_token_id, progress=False)
+    n = len(prompts)
+    assert n > 8 and len({len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)}) > 3
+    torch.testing.assert_close(torch.tensor(packed["chosen"]), torch.tensor(apart[:n]), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(packed["rejected"]), torch.tensor(apart[n:]), rtol=1e-5, atol=1e-3)
 
 
 def test_a_second_start_reads_the_reference_pass_back_and_a_changed_reference_recomputes_it(sft, monkeypatch):

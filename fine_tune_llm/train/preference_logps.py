@@ -8,8 +8,10 @@ answer positions only (`logits_to_keep` as a boolean mask) and a chunked cross-e
 the entropy, mean logit and top-1 TRL logs, from the same chunks. TRL's loss code is untouched: it reads the same
 per-token `log_probs` (zero off the answers), so every loss type works as before.
 
-The reference policy (the SFT adapter before the first step) is scored by a forward-only pass of its own: chosen and
-rejected sequences sorted together by length, packed into batches of a token budget, no gradients. Its result is
+The reference policy (the SFT adapter before the first step) is scored by a forward-only pass of its own, no
+gradients: each pair is one row, prompt + chosen + rejected, the prompt run once for both answers (the rejected
+answer is masked from the chosen one and its positions restart after the prompt), rows sorted by length into
+batches of a token budget. Its result is
 written to the run (RunDir.reference_logps_file) with a fingerprint of what it depends on, so a resumed stage reads
 it back instead of recomputing it.
 """
@@ -34,9 +36,10 @@ from .answer_loss import ChunkedCrossEntropy, answer_positions
 
 log = logging.getLogger(__name__)
 
-# Tokens per reference batch: forward-only activations of one layer at a time, so large batches fit; larger ones
-# stopped paying on a CPU (docs/results.md#preference-stage-speed).
-REF_BATCH_TOKENS = 8192
+# Tokens per reference batch. Not the largest that fits: the answer positions' logits (answer tokens x vocabulary)
+# are materialized per batch, and past a few thousand tokens that memory traffic made batches slower per token on
+# a CPU (docs/results.md#preference-stage-speed).
+REF_BATCH_TOKENS = 2048
 CACHE_FORMAT = 1
 
 
@@ -108,13 +111,95 @@ def sequence_logps(model, sequences: Sequence[Sequence[int]], answer_starts: Seq
 
 
 def pair_logps(model, pairs, pad_id: int, desc: str, progress: bool = True) -> dict[str, list[float]]:
-    """{"chosen": [...], "rejected": [...]}: each pair's summed answer log-probs, both answers in one sorted pass."""
-    prompts, n = list(pairs["prompt_ids"]), len(pairs)
-    sequences = [p + c for p, c in zip(prompts, pairs["chosen_ids"])] + \
-                [p + r for p, r in zip(prompts, pairs["rejected_ids"])]
-    starts = [len(p) for p in prompts] * 2
-    logps = sequence_logps(model, sequences, starts, pad_id, desc=desc, progress=progress)
+    """{"chosen": [...], "rejected": [...]}: each pair's summed answer log-probs. Where the attention takes a
+    custom mask, a pair is one row whose prompt both answers share (packed_pair_logps); else each answer is a
+    sequence of its own, all sorted together by length (sequence_logps)."""
+    prompts, chosen, rejected = list(pairs["prompt_ids"]), list(pairs["chosen_ids"]), list(pairs["rejected_ids"])
+    if shares_prompts(model):
+        return packed_pair_logps(model, prompts, chosen, rejected, pad_id, desc=desc, progress=progress)
+    n = len(prompts)
+    sequences = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+    logps = sequence_logps(model, sequences, [len(p) for p in prompts] * 2, pad_id, desc=desc, progress=progress)
     return {"chosen": logps[:n], "rejected": logps[n:]}
+
+
+def shares_prompts(model) -> bool:
+    """Eager and SDPA attention take a 4D mask as given (transformers' masking_utils); flash-attention does not."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return impl in ("eager", "sdpa")
+
+
+def packed_rows(prompt: list[int], chosen: list[int], rejected: list[int]):
+    """One row holding prompt + chosen + rejected: (ids, position ids, the rejected answer's first index). The
+    rejected answer continues from the prompt: its positions restart where the chosen answer's began."""
+    start = len(prompt) + len(chosen)
+    ids = prompt + chosen + rejected
+    positions = list(range(start)) + list(range(len(prompt), len(prompt) + len(rejected)))
+    return ids, positions, start
+
+
+@torch.inference_mode()
+def packed_pair_logps(model, prompts, chosen, rejected, pad_id: int, batch_tokens: int = REF_BATCH_TOKENS,
+                      desc: str = "reference log-probs", progress: bool = True) -> dict[str, list[float]]:
+    """Summed log-probs of both answers of each pair, the prompt run once: a row is prompt + chosen + rejected, and
+    the rejected answer's tokens attend to the prompt and to themselves, never to the chosen answer. Its first
+    token is scored from the prompt's last position, the one that also scores the chosen answer's first token."""
+    from ..model.loading import model_device
+
+    n = len(prompts)
+    width = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    order = sorted(range(n), key=lambda i: -width[i])
+    batches, batch = [], []
+    for i in order:
+        if batch and (len(batch) + 1) * width[batch[0]] > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches += [batch] if batch else []
+    device, out = model_device(model), {"chosen": [0.0] * n, "rejected": [0.0] * n}
+    for idx in console.progress(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        ids, positions, allowed, keep, targets, first_rejected = _packed_batch(idx, prompts, chosen, rejected, pad_id)
+        # SDPA takes the boolean mask; eager attention adds it to its scores
+        mask = allowed if model.config._attn_implementation == "sdpa" else torch.zeros(
+            allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        logits = model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                       use_cache=False, logits_to_keep=keep.to(device)).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        # The prompt's last position is each row's first kept one: it scores the rejected answer's first token too.
+        row_starts = torch.cumsum(keep.sum(dim=1), 0) - keep.sum(dim=1)
+        logits = torch.cat([logits, logits[row_starts.to(logits.device)]])
+        nll = ChunkedCrossEntropy.apply(logits, torch.cat([targets, first_rejected]).to(device))[0].double().cpu()
+        counts = keep.sum(dim=1).tolist()
+        for b, (i, chunk) in enumerate(zip(idx, torch.split(nll[:len(targets)], counts))):
+            n_chosen = len(chosen[i])
+            out["chosen"][i] = -chunk[:n_chosen].sum().item()
+            out["rejected"][i] = -(chunk[n_chosen:].sum() + nll[len(targets) + b]).item()
+    return out
+
+
+def _packed_batch(idx, prompts, chosen, rejected, pad_id: int):
+    """Tensors of one batch of packed rows: ids, position ids, the 4D attention mask (True: may attend), the positions whose
+    logits are kept (in order: the chosen answer's predictions, then the rejected one's after its first token),
+    their targets, and each row's rejected first token."""
+    rows = [packed_rows(prompts[i], chosen[i], rejected[i]) for i in idx]
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(idx), width), dtype=torch.long)
+    allowed = torch.zeros((len(idx), width, width), dtype=torch.bool)
+    keep = torch.zeros((len(idx), width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    targets, first_rejected = [], []
+    for b, (i, (row, pos, start)) in enumerate(zip(idx, rows)):
+        length, p = len(row), len(prompts[i])
+        ids[b, :length], positions[b, :length] = torch.tensor(row), torch.tensor(pos)
+        allowed[b, :length, :length] = causal[:length, :length]
+        allowed[b, start:length, p:start] = False  # the rejected answer never sees the chosen one
+        keep[b, p - 1:start - 1] = True  # predicts chosen[0:]
+        keep[b, start:length - 1] = True  # predicts rejected[1:]
+        targets += chosen[i] + rejected[i][1:]
+        first_rejected.append(rejected[i][0])
+    allowed |= ~allowed.any(dim=-1, keepdim=True)  # padding rows attend to something (their output is unused)
+    return ids, positions, allowed[:, None], keep, torch.tensor(targets), torch.tensor(first_rejected)
 
 
 def fingerprint(pairs_by_split: dict[str, Any], reference: dict[str, Any]) -> str:

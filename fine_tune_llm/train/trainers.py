@@ -132,10 +132,20 @@ class AnswerOnlyDPOTrainer(GuardedDPOTrainer):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         data = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-                   zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    dataset=data, lengths=lengths)
+                                    dataset=data, lengths=_pair_lengths(data))
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = _pair_lengths(eval_dataset)  # longest first: every eval batch of similar lengths, in a fixed order
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _pair_lengths(pairs) -> list[int]:
+    """A pair's padded width in TRL's [chosen; rejected] batch: the prompt and its longer answer."""
+    return [len(p) + max(len(c), len(r)) for p, c, r in
+            zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
 
 
 class AnswerOnlySFTTrainer(AnswerOnlyLossMixin, GuardedSFTTrainer):
