@@ -84,6 +84,9 @@ def test_pairs_are_cut_to_one_length_and_end_their_turn(tiny_tokenizer):
     assert tiny_tokenizer.decode(c[0][len(chosen[0].prompt):-len(end)]) != "a kind and gentle answer"
     half_c, half_r = rp.pair_sequences(chosen, rejected, "half", 128, end)
     assert len(half_c[0]) == len(half_r[0]) == len(chosen[0].prompt) + max(1, len(rejected[0].tokens) // 2) + len(end)
+    inside_c, inside_r = rp.pair_sequences(chosen, rejected, "inside", 128, end, seed=3)
+    n = len(inside_c[0]) - len(chosen[0].prompt) - len(end)
+    assert len(inside_c[0]) == len(inside_r[0]) and len(rejected[0].tokens) // 2 <= n < len(rejected[0].tokens)
     whole_c, _ = rp.pair_sequences(chosen, rejected, "whole", 3, end)
     assert len(whole_c[0]) == len(chosen[0].prompt) + 3 + len(end)  # capped
 

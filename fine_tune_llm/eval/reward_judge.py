@@ -8,7 +8,7 @@
 The judge is the run's base model with a one-output sequence-classification head and a LoRA adapter, trained with
 TRL's RewardTrainer (Bradley-Terry loss: reward(chosen) > reward(rejected)) on the train split's (question, chosen,
 rejected) rows, rendered through the run's chat template (reward_pairs.py). Both answers of a training pair are cut
-to the same token length: in a dataset whose chosen answer is nearly always the longer, a judge shown whole answers
+to the same token length, inside both: in a dataset whose chosen answer is nearly always the longer, a judge shown whole answers
 learns "longer is better" and would reward any stage that merely lengthens its answers.
 """
 
@@ -275,12 +275,13 @@ def encode_pairs(tokenizer, rows: list[dict[str, Any]], system_prompt: str | Non
 
 
 def train_dataset(tokenizer, rows: list[dict[str, Any]], cfg: TrainConfig, options: JudgeOptions):
-    """TRL's pre-tokenized preference format: chosen_ids / rejected_ids, both answers cut to the same length."""
+    """TRL's pre-tokenized preference format: chosen_ids / rejected_ids, both answers cut to the same length,
+    strictly inside both (reward_pairs.py: cut at the shorter one's end, its clean ending would give it away)."""
     from datasets import Dataset
 
     end = rp.end_ids(tokenizer)
     chosen, rejected = encode_pairs(tokenizer, rows, cfg.system_prompt, end)
-    c, r = rp.pair_sequences(chosen, rejected, "matched", options.max_answer_tokens, end)
+    c, r = rp.pair_sequences(chosen, rejected, "inside", options.max_answer_tokens, end, options.seed)
     return Dataset.from_dict({"chosen_ids": c, "rejected_ids": r})
 
 
@@ -354,7 +355,7 @@ def accuracy(margins: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dic
 
 def heldout_accuracy(judge: RewardJudge, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """On held-out pairs: `raw` (each answer whole, as generated answers are scored), `matched` (both cut to the
-    shorter's length, as in training), `half` (both cut to half that: neither ends where its author ended it), and
+    shorter one's length), `half` (both cut to half that: neither ends where its author ended it), and
     `longer_wins`, the accuracy of a judge that only counts tokens (the length-only control)."""
     if not rows:
         return {"pairs": 0}

@@ -6,13 +6,17 @@ strings stripped), the answer's own tokens cut to n, then the template's end-of-
 written after every answer, cut or whole, so the judge always reads its score at the same kind of token (the one a
 finished turn ends on) and the presence of an end cannot tell a cut answer from a whole one.
 
-The length control cuts the two answers of a pair to the same n (the shorter one's length): the judge never sees
-which was longer. `half` cuts both to half the shorter one's length, so neither ends where its author ended it: a
-judge that learned "an answer that ends cleanly is the shorter one" would fall to chance there.
+The length control cuts the two answers of a pair to the same n: the judge never sees which was longer. Cut to the
+shorter one's length (`matched`), the shorter answer still ends where its author ended it and the longer one
+mid-sentence: a judge trained that way learns "the answer that ends cleanly is the shorter one", a length cue in
+disguise (measured: docs/results.md#reward-model-judge). So training cuts both strictly inside (`inside`: n drawn
+between half the shorter one's length and one token less than it), and the held-out check `half` cuts both to half
+the shorter one's length, where neither ending can help.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +27,7 @@ from ..errors import ConfigError
 
 # Prompts are not cut here: whatever the run trained or generated on is read whole (answers are capped instead).
 NO_LIMIT = 1 << 30
-CUTS = ("whole", "matched", "half")
+CUTS = ("whole", "matched", "half")  # the held-out checks; training uses "inside"
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,18 @@ def encode_answers(tokenizer, examples: Sequence[dict[str, Any]], system_prompt:
     return out
 
 
-def cut_length(a: Answer, b: Answer, cut: str, cap: int) -> int:
-    """The answer length both answers of a pair are read at: `matched` the shorter one's, `half` half of it
-    (at least one token); capped at `cap`. `whole` is not a pair cut (each answer is read at its own length)."""
-    if cut not in ("matched", "half"):
-        raise ValueError(f"cut must be 'matched' or 'half', got {cut!r}")
+def cut_length(a: Answer, b: Answer, cut: str, cap: int, rng: random.Random | None = None) -> int:
+    """The answer length both answers of a pair are read at: `matched` the shorter one's, `half` half of it (at
+    least one token), `inside` drawn from [half, shorter - 1] with `rng`; capped at `cap`. `whole` is not a pair cut
+    (each answer is read at its own length)."""
     n = min(len(a.tokens), len(b.tokens), cap)
-    return n if cut == "matched" else max(1, n // 2)
+    if cut == "matched":
+        return n
+    if cut == "half":
+        return max(1, n // 2)
+    if cut == "inside":
+        return (rng or random.Random(0)).randint(max(1, (n + 1) // 2), n - 1) if n > 1 else n
+    raise ValueError(f"cut must be 'matched', 'half' or 'inside', got {cut!r}")
 
 
 def sequence(a: Answer, n: int, end: list[int]) -> list[int]:
@@ -93,12 +102,11 @@ def whole(a: Answer, cap: int, end: list[int]) -> list[int]:
 
 
 def pair_sequences(first: Sequence[Answer], second: Sequence[Answer], cut: str, cap: int,
-                   end: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+                   end: list[int], seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """Both sides of each pair as the judge reads them: each whole (capped), or both cut to one length."""
     if cut == "whole":
         return [whole(a, cap, end) for a in first], [whole(b, cap, end) for b in second]
-    if cut not in CUTS:
-        raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
-    lengths = [cut_length(a, b, cut, cap) for a, b in zip(first, second)]
+    rng = random.Random(seed)
+    lengths = [cut_length(a, b, cut, cap, rng) for a, b in zip(first, second)]
     return ([sequence(a, n, end) for a, n in zip(first, lengths)],
             [sequence(b, n, end) for b, n in zip(second, lengths)])
