@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REAL_DATA, SMOL_GGUF, machine
 
-COLUMNS = ["setting", "train_pairs", "test_pairs", "steps", "train_seconds", "heldout_seconds", "wall_seconds",
+COLUMNS = ["setting", "train_cut", "train_pairs", "test_pairs", "steps", "train_seconds", "heldout_seconds", "wall_seconds",
            "raw", "raw_ci_low", "raw_ci_high", "matched", "matched_ci_low", "matched_ci_high", "half",
            "half_ci_low", "half_ci_high", "longer_wins", "chosen_longer", "goal_met", "threads", "device", "load_1m"]
 GOAL = 0.90
@@ -47,7 +47,9 @@ def build_run(root: Path, model: str, data: str, samples: int):
 
 def row_of(setting: str, record: dict, wall: float) -> dict:
     h = record["heldout"]
-    row = {"setting": setting, "train_pairs": record["train_pairs"], "test_pairs": h["pairs"],
+    from fine_tune_llm.eval.reward_judge import TRAIN_CUT
+
+    row = {"setting": setting, "train_cut": TRAIN_CUT, "train_pairs": record["train_pairs"], "test_pairs": h["pairs"],
            "steps": record["steps"], "train_seconds": record["train_seconds"],
            "heldout_seconds": record["heldout_seconds"], "wall_seconds": round(wall, 1),
            "longer_wins": round(h["longer_wins"]["accuracy"], 4), "chosen_longer": round(h["chosen_longer"], 4),

@@ -8,8 +8,8 @@
 The judge is the run's base model with a one-output sequence-classification head and a LoRA adapter, trained with
 TRL's RewardTrainer (Bradley-Terry loss: reward(chosen) > reward(rejected)) on the train split's (question, chosen,
 rejected) rows, rendered through the run's chat template (reward_pairs.py). Both answers of a training pair are cut
-to the same token length, inside both: in a dataset whose chosen answer is nearly always the longer, a judge shown whole answers
-learns "longer is better" and would reward any stage that merely lengthens its answers.
+to the same token length, strictly inside both: in a dataset whose chosen answer is nearly always the longer, a
+judge shown whole answers learns "longer is better" and would reward any stage that merely lengthens its answers.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .scoring import bootstrap_ci
 log = logging.getLogger(__name__)
 FORMAT = 1  # judge.json's layout; a judge saved in another format is retrained
 JUDGE_FILE = "judge.json"
+TRAIN_CUT = "inside"  # where training pairs are cut (reward_pairs.py): strictly inside both answers
 SCORE_DTYPE = "float32"  # as evaluation: a reward must not depend on the batch it was computed in
 
 
@@ -68,8 +69,8 @@ class JudgeOptions:
 
     seed: int = _opt(0, "Fixed: the same run and options give the same judge, so a cached judge stands for a "
                         "retrained one.")
-    max_pairs: int | None = _opt(800, "Training pairs drawn from the train split (None: all). Enough for the "
-                                      "judge's held-out accuracy to settle on a CPU in minutes (docs/results.md).")
+    max_pairs: int | None = _opt(160, "Training pairs drawn from the train split (None: all): what a small base "
+                                      "learns the task from in minutes on a CPU (docs/results.md).")
     max_answer_tokens: int = _opt(128, "Cap on the answer tokens the judge reads; pairs are cut to the shorter "
                                        "answer anyway, so this bounds only a scored answer's cost.")
     epochs: float = _opt(1.0, "One pass: the content signal is learned early, and more passes start to memorize "
@@ -77,8 +78,8 @@ class JudgeOptions:
     learning_rate: float = _opt(2e-4, "LoRA's usual rate: the head and adapter start from scratch and see few "
                                       "steps.")
     lora_r: int = _opt(16, "Rank of the adapter: a yes/no judgement of tone needs little capacity.")
-    lora_layers: int | None = _opt(None, "Adapt only the top N blocks (None: every block): the CPU default "
-                                         "keeps the backward short.")
+    lora_layers: int | None = _opt(15, "Adapt only the top N blocks (None: every block): half of SmolLM2's 30, "
+                                       "so the backward stops half-way down, as the CPU training recipe does.")
     batch_size: int = _opt(8, "Pairs per step: each pair is two sequences, so a step reads twice as many.")
     center_rewards: float = _opt(0.01, "TRL's reward-centering penalty: keeps rewards near 0, so a mean reward "
                                        "reads against 0 and runs stay comparable.")
@@ -87,8 +88,8 @@ class JudgeOptions:
 
     @classmethod
     def cpu(cls) -> JudgeOptions:
-        """The CPU default: the top half of a small base's blocks adapted, a sample of the pairs."""
-        return cls(lora_layers=15)
+        """The CPU default (the dataclass defaults): a sample of the pairs, the top blocks adapted."""
+        return cls()
 
     @classmethod
     def gpu(cls) -> JudgeOptions:
@@ -281,7 +282,7 @@ def train_dataset(tokenizer, rows: list[dict[str, Any]], cfg: TrainConfig, optio
 
     end = rp.end_ids(tokenizer)
     chosen, rejected = encode_pairs(tokenizer, rows, cfg.system_prompt, end)
-    c, r = rp.pair_sequences(chosen, rejected, "inside", options.max_answer_tokens, end, options.seed)
+    c, r = rp.pair_sequences(chosen, rejected, TRAIN_CUT, options.max_answer_tokens, end, options.seed)
     return Dataset.from_dict({"chosen_ids": c, "rejected_ids": r})
 
 
