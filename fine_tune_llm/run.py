@@ -11,6 +11,8 @@
     RUN/metrics/, RUN/imgs/  the run's own exported curves and plot (the demo's: the checkout stays clean)
     RUN/.lock                who writes the run now (run_lock.py: one writer per run directory)
     RUN/.adapter.partial/    the adapter being saved; it replaces adapter/ only once whole
+    RUN/reward_judge/        a reward model trained on the run's train pairs (eval/reward_judge.py), with its
+                             fingerprint and held-out accuracy; RUN/.reward_judge.partial/ while it is made
 
 Every stage takes a RunDir (or a path it turns into one); no other module spells these names.
 """
@@ -133,6 +135,15 @@ class RunDir:
     def harness_dir(self) -> Path:
         """Task files for lm-evaluation-harness built from the run's own split (eval/harness.py)."""
         return self.path / "harness"
+
+    @property
+    def reward_judge_dir(self) -> Path:
+        """The reward-model judge of generated answers, trained on the run's own train pairs (eval/reward_judge.py)."""
+        return self.path / "reward_judge"
+
+    @property
+    def reward_judge_staging_dir(self) -> Path:
+        return self.path / ".reward_judge.partial"
 
     @property
     def metrics_dir(self) -> Path:
