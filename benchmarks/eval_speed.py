@@ -65,13 +65,14 @@ def make_runs(args, root: Path):
     return sft, train_preference(cfg, resume=False).run
 
 
-def time_new(run, args, root: Path) -> tuple[float, float]:
+def time_new(run, args, root: Path, judges: bool = False) -> tuple[float, float]:
     from fine_tune_llm.eval.evaluate import evaluate_run
 
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         evaluate_run(run, n_generations=args.generations, max_new_tokens=args.max_new_tokens,
-                     metrics_dir=root / "metrics", progress=False, generation_rows=args.generation_rows)
+                     metrics_dir=root / "metrics", progress=False, generation_rows=args.generation_rows,
+                     judges=judges)
     return time.perf_counter() - t0, mem.peak_gb
 
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--generation-rows", type=int, default=None, help="answers a generate call (default: evaluate's)")
     p.add_argument("--old-path", action="store_true", help="also time the column-by-column evaluation")
+    p.add_argument("--judges", action="store_true",
+                   help="also time evaluate with the reward judge and safety probe: once training the judge, once reading it back")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--root", default="runs/eval-speed")
     p.add_argument("--out", default="metrics/bench_eval_speed_cpu.csv")
@@ -157,9 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("evaluate_column_by_column", seconds, peak, sft_s, "reference (the path replaced)", "", info))
         release_memory()
     seconds, peak = time_new(dpo, args, root)
-    rows.append(row(f"evaluate ({args.generations} generations of <= {args.max_new_tokens} tokens, "
-                    f"{args.generation_rows} rows a batch)", seconds, peak, sft_s, f"<= {GOAL}x SFT epoch",
-                    seconds <= GOAL * sft_s, info))
+    what = f"{args.generations} generations of <= {args.max_new_tokens} tokens, {args.generation_rows} rows a batch"
+    rows.append(row(f"evaluate ({what})", seconds, peak, sft_s, f"<= {GOAL}x SFT epoch", seconds <= GOAL * sft_s,
+                    info))
+    if args.judges:  # the judged section on top: the reward judge trained (then read back), the safety probe
+        import shutil
+
+        shutil.rmtree(dpo.reward_judge_dir, ignore_errors=True)
+        for when in ("trains the reward judge", "reward judge read back"):
+            release_memory()
+            seconds, peak = time_new(dpo, args, root, judges=True)
+            rows.append(row(f"evaluate with judges, {when} ({what})", seconds, peak, sft_s, "", "", info))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)

@@ -72,6 +72,16 @@ class PlainProgress:
         pass
 
 
+class _NewScoreHeadOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "SequenceClassification LOAD REPORT" not in message:
+            return True
+        cells = [line.split("|") for line in message.splitlines() if "|" in line]
+        keys = [row[0].strip() for row in cells if row[0].strip() not in ("", "Key")]
+        return not keys or any(not key.startswith("score.") for key in keys)
+
+
 class _DropMessage(logging.Filter):
     def __init__(self, start: str):
         super().__init__()
@@ -109,6 +119,13 @@ def quiet_libraries() -> None:
     if not any(isinstance(f, _DropMessage) for f in hflm.filters):
         hflm.addFilter(_DropMessage("`pretrained` model kwarg is not of type `str`"))
         hflm.addFilter(_DropMessage("Passed an already-initialized model through `pretrained`"))
+    # transformers reports the new one-output score head of a sequence classifier as missing from the checkpoint:
+    # expected for the reward judge, whose training is what fills it (eval/reward_judge.py). Any other missing or
+    # unexpected key is still reported (transformers/utils/loading_report.py, log_state_dict_report, called with
+    # modeling_utils' logger).
+    report = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _NewScoreHeadOnly) for f in report.filters):
+        report.addFilter(_NewScoreHeadOnly())
     # transformers orders checkpoints by mtime and, when checkpoints were saved within a second of each other (short
     # runs, the tiny preset), warns that mtime "may not be reliable" and orders them by step number instead: the
     # right order, and nothing for a user to do (transformers/trainer_utils.py, sort_checkpoints).

@@ -155,9 +155,8 @@ def locked_append(path: str | Path) -> Iterator[tuple[str, io.StringIO]]:
     is cut back off: concurrent runs leave only whole lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _open_locked(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         size = os.fstat(fd).st_size
         buffer = io.StringIO(newline="")
         yield os.pread(fd, 1 << 16, 0).decode(errors="replace").partition("\n")[0], buffer
@@ -165,6 +164,36 @@ def locked_append(path: str | Path) -> Iterator[tuple[str, io.StringIO]]:
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
         _append(fd, data, size, path)
+    finally:
+        os.close(fd)
+
+
+def _open_locked(path: Path) -> int:
+    """The file, open and exclusively locked (released when it closes, or when the process dies). A writer that
+    waited while locked_rewrite put a new file in place locks that one, not the replaced file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def locked_rewrite(path: str | Path, transform) -> None:
+    """Replace a shared file's text with transform(text), under the lock locked_append takes: the new file is
+    written beside it and renamed into place, so a reader or a crash sees the old file or the new one."""
+    path = Path(path)
+    fd = _open_locked(path)
+    try:
+        with open(path, newline="") as fh:
+            text = fh.read()
+        new = transform(text)
+        if new != text:
+            with replaced(path) as tmp:
+                tmp.write_text(new, newline="")
     finally:
         os.close(fd)
 

@@ -91,7 +91,7 @@ def test_a_pair_packed_on_one_shared_prompt_scores_as_its_two_sequences_apart(sf
     from the chosen one, its positions restarted): in float32 its log-probs equal scoring the two sequences apart."""
     from fine_tune_llm.train.preference_logps import packed_pair_logps, sequence_logps
 
-    cfg, _run, tok, data, policy = _ref_setup(sft, f"packed-{attention}", dtype="float32")
+    _cfg, _run, tok, data, policy = _ref_setup(sft, f"packed-{attention}", dtype="float32")
     policy.config._attn_implementation = attention
     pairs = data["train"]
     prompts, chosen, rejected = list(pairs["prompt_ids"]), list(pairs["chosen_ids"]), list(pairs["rejected_ids"])

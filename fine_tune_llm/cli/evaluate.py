@@ -10,7 +10,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=["test", "validation", "train"],
                    help="held-out test split by default: never trained on, never used to pick a checkpoint")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--n-generations", type=int, default=5, help="held-out questions answered by base and tuned")
+    p.add_argument("--n-generations", type=int, default=None,
+                   help="held-out questions every column answers, one per near-duplicate cluster (default: the "
+                        "run's eval_generations: 100, 30 on the smollm2-135m preset)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--metrics-dir", default=None, help="where runs.csv gets its row (default: the run's metrics_dir)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled generations and the bootstrap")
@@ -20,6 +22,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also run EleutherAI's lm-evaluation-harness on every column: comma-separated lm-eval task "
                         "names, task YAML files (local data works offline), a YAML file listing them, or "
                         "heldout_pairs (the split's preference pairs as a two-choice task); needs `make install-eval`")
+    p.add_argument("--judge", default=None, metavar="MODEL",
+                   help="also compare the columns' answers with a stronger model, pairwise, in both orders: a Hub id "
+                        "or local folder, a .gguf file, or an OpenAI-compatible URL (key from FINE_TUNE_LLM_JUDGE_KEY)")
+    p.add_argument("--no-judges", action="store_true",
+                   help="skip the reward-model judge and the safety probe (they train and generate: minutes on a CPU)")
     p.add_argument("--limit", type=_positive, default=None,
                    help="with --tasks: the first N items of each task only (a quick look, not a score)")
 
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_run(run, split=args.split, batch_size=args.batch_size,
                               n_generations=args.n_generations, max_new_tokens=args.max_new_tokens,
                               metrics_dir=args.metrics_dir, seed=args.seed, quantized=args.quantized,
-                              tasks=args.tasks, limit=args.limit)
+                              tasks=args.tasks, limit=args.limit, judge=args.judge, judges=not args.no_judges)
     print(summary(report))
     return 0
 

@@ -32,6 +32,7 @@ from ..run_lock import hold
 from ..train.lineage import parent_of
 from . import harness as lm_harness
 from . import harness_report
+from .behaviour import judge_behaviour
 from .scoring import Scored, language_metrics, preference_metrics, score_parts
 
 log = logging.getLogger(__name__)
@@ -232,15 +233,19 @@ def _strip(answer: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in answer.items() if k != "question"}
 
 
-def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8, n_generations: int = 5,
+def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: int = 8,
+                 n_generations: int | None = None,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
                  progress: bool = True, quantized: bool = False, tasks: str | Sequence[str] | None = None,
-                 limit: int | None = None, generation_rows: int = GENERATION_ROWS) -> dict[str, Any]:
+                 limit: int | None = None, generation_rows: int = GENERATION_ROWS, judge: str | None = None,
+                 judges: bool = True) -> dict[str, Any]:
     """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row.
 
     Each column is one scoring pass (batch_size sequences a batch); the generations of every column are made
     together, generation_rows answers a batch. tasks: lm-evaluation-harness tasks run on the same columns too
-    (eval/harness.py), `limit` items of each."""
+    (eval/harness.py), `limit` items of each. judges: the reward-model judge and the safety probe (no extra
+    model); judge: a stronger model (Hub id, folder, .gguf or OpenAI-compatible URL) comparing answers pairwise
+    (eval/behaviour.py)."""
     from .report import append_runs_csv, build_report, write_report
     from .report_plot import plot_report
 
@@ -260,9 +265,13 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
             with columns.use(name) as model:
                 metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
                                             seed=seed, progress=progress, parts=parts)
-        questions = generation_prompts(rows, n_generations)
+        n_generations = cfg.eval_generations if n_generations is None else n_generations
+        questions = generation_prompts(rows, n_generations, seed)
         generations = compare_generations(columns, tokenizer, questions, max_new_tokens, generation_rows,
                                           cfg.system_prompt, seed, progress) if questions else {}
+        behaviour = judge_behaviour(run, cfg, columns, tokenizer, rows, generations, judge, reward=judges,
+                                    safety=judges, max_new_tokens=max_new_tokens, rows=generation_rows, seed=seed,
+                                    progress=progress)
         settings = {"split": split, "batch_size": batch_size, "generation_rows": generation_rows,
                     "n_generations": len(questions),
                     "max_new_tokens": max_new_tokens, "seed": seed, "compute_dtype": EVAL_DTYPE,
@@ -273,6 +282,7 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
         raw = lm_harness.run_harness(harness, columns, cfg, limit, batch_size) if harness else None
         report = build_report(run, cfg, settings, metrics, columns.labels, generations,
                               length_summary(generations, columns.names), time.time() - t0)
+        report["behaviour"] = behaviour
         if harness:
             report["harness"] = lm_harness.summary(raw, harness, limit)
         write_report(run, report)

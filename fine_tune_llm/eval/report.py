@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from datetime import datetime, timezone
@@ -10,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..files import locked_append, write_atomic
+from ..files import locked_append, locked_rewrite, write_atomic
 from ..manifest import git_state, hardware, library_versions
 from ..run import RunDir
-from . import harness_report
+from . import behaviour_report, harness_report
 
 RUNS_COLUMNS = [
     "created", "run", "run_dir", "base_model", "preset", "global_step", "split", "answers", "pairs",
     "base_perplexity", "tuned_perplexity", "base_bits_per_byte", "tuned_bits_per_byte",
     "base_accuracy_normalized", "tuned_accuracy_normalized", "base_accuracy_sum", "tuned_accuracy_sum",
     "base_mean_margin", "tuned_mean_margin", "tuned_margin_ci95_low", "tuned_margin_ci95_high",
-    "tuned_hit_max_tokens_greedy", "harness_drops", "git_commit", "wall_seconds",
+    "tuned_hit_max_tokens_greedy", "harness_drops", *behaviour_report.RUNS_COLUMNS, "git_commit", "wall_seconds",
 ]
 
 
@@ -136,6 +137,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", (f"Perplexity = exp(total answer NLL / total answer tokens), over {trained} and its end-of-turn "
                    f"token: the tokens training learns. Bits per byte = total NLL / ln 2 / UTF-8 bytes of those "
                    f"answers.{_data_line(s.get('data'))}")]
+    behaviour = behaviour_report.markdown(report)
+    lines += ["", *behaviour] if behaviour else []
     harness = harness_report.markdown(report)
     lines += ["", *harness] if harness else []
     for mode, rows in report.get("generations", {}).items():
@@ -191,6 +194,7 @@ def runs_row(report: dict[str, Any]) -> dict[str, Any]:
         "tuned_hit_max_tokens_greedy": report["hit_max_tokens"].get("greedy", {}).get("tuned"),
         "git_commit": report["git"].get("commit"), "wall_seconds": report["wall_seconds"],
         "harness_drops": harness_report.drops(report),  # the table itself: harness.csv
+        **behaviour_report.runs_fields(report),
     }
     for key in ("perplexity", "bits_per_byte", "accuracy_normalized", "accuracy_sum", "mean_margin"):
         row[f"base_{key}"], row[f"tuned_{key}"] = base.get(key), tuned.get(key)
@@ -198,9 +202,12 @@ def runs_row(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def append_runs_csv(path: Path, report: dict[str, Any]) -> Path:
-    """One row per evaluation, so runs compare over time. An existing file keeps its own columns. Runs evaluated
-    at the same moment share the file: each append holds a lock on it (files.locked_append), so rows never mix."""
+    """One row per evaluation, so runs compare over time. A file written before a column existed is rewritten
+    with it first (old rows leave it empty), so a new number is never dropped. Runs evaluated at the same moment
+    share the file: each append holds a lock on it (files.locked_append), so rows never mix."""
     path = Path(path)
+    if path.is_file():
+        locked_rewrite(path, _widened)
     with locked_append(path) as (header, rows):
         columns = next(csv.reader([header])) if header.strip() else RUNS_COLUMNS
         writer = csv.DictWriter(rows, fieldnames=columns, extrasaction="ignore")
@@ -208,3 +215,17 @@ def append_runs_csv(path: Path, report: dict[str, Any]) -> Path:
             writer.writeheader()
         writer.writerow(runs_row(report))
     return path
+
+
+def _widened(text: str) -> str:
+    """runs.csv with every column of RUNS_COLUMNS it lacks added at its end; old rows leave them empty."""
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    columns = next(csv.reader([text.partition("\n")[0]])) if text.strip() else []
+    missing = [c for c in RUNS_COLUMNS if c not in columns]
+    if not columns or not missing:
+        return text
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=columns + missing)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

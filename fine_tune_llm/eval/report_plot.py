@@ -1,8 +1,10 @@
 """One picture per report: the columns (base, SFT, SFT + preference stage) side by side.
 
 Panels: held-out answer perplexity; the chosen-minus-rejected margin with its 95% CI (where the rows have a
-rejected answer); the mean length of the greedy answers, with how many ended their turn. Bars carry their values,
-so the picture reads without the table.
+rejected answer); the mean length of the greedy answers, with how many ended their turn; the reward judge's mean
+reward per column and the win rates of each stage over the one before (length-matched reward judge, and the LLM
+judge's length-controlled rate when one was asked), with 95% CIs. Bars carry their values, so the picture reads
+without the table.
 """
 
 from __future__ import annotations
@@ -26,12 +28,29 @@ def report_figure(report: dict[str, Any]):
     metrics = report["metrics"]
     colors = [COLORS[i % len(COLORS)] for i in range(len(names))]
     lengths = report.get("generation_lengths") or {}
+    behaviour = report.get("behaviour") or {}
+    wins = win_bars(behaviour, report["columns"])
     panels = ["perplexity"] + (["margin"] if "mean_margin" in metrics[names[0]] else []) + (
-        ["length"] if lengths else [])
+        ["length"] if lengths else []) + (["reward"] if "reward" in behaviour else []) + (["wins"] if wins else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, panel in zip(axes, panels):
-        if panel == "perplexity":
+        if panel == "reward":
+            cols = behaviour["reward"]["columns"]
+            values = [cols[n]["mean_reward"] for n in names]
+            err = [[v - cols[n]["ci95"][0] for v, n in zip(values, names)],
+                   [cols[n]["ci95"][1] - v for v, n in zip(values, names)]]
+            _bars(ax, labels, values, colors, "{:.2f}", yerr=err)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set(title="reward judge: mean reward, 95% CI", ylabel="reward (trained on this run's pairs)")
+        elif panel == "wins":
+            values = [w[1] for w in wins]
+            err = [[v - w[2][0] for v, w in zip(values, wins)], [w[2][1] - v for v, w in zip(values, wins)]]
+            _bars(ax, [w[0] for w in wins], values, [COLORS[(i + 1) % len(COLORS)] for i in range(len(wins))],
+                  "{:.0%}", yerr=err)
+            ax.axhline(0.5, color="black", lw=0.8, ls="--")
+            ax.set(title="win rate over the stage before, 95% CI", ylabel="share of questions won", ylim=(0, 1.05))
+        elif panel == "perplexity":
             values = [metrics[n]["perplexity"] for n in names]
             _bars(ax, labels, values, colors, "{:.2f}")
             ax.set(title="held-out answer perplexity (lower is better)", ylabel="perplexity")
@@ -53,6 +72,18 @@ def report_figure(report: dict[str, Any]):
                  f"{metrics[names[0]].get('answers', '?')} answers; base model {Path(report['base_model']).name}")
     fig.tight_layout()
     return fig
+
+
+def win_bars(behaviour: dict[str, Any], labels: dict[str, str]) -> list[tuple[str, float, list[float]]]:
+    """(label, win rate, CI) per stage: the reward judge's length-matched rate, the LLM judge's length-controlled one."""
+    out = []
+    for w in (behaviour.get("reward") or {}).get("win_rates", []):
+        out.append((f"{labels[w['stage']]} > {labels[w['over']]}\nreward, len-matched", w["matched"]["win_rate"],
+                    w["matched"]["ci95"]))
+    for w in (behaviour.get("llm_judge") or {}).get("win_rates", []):
+        new, old = w["columns"]
+        out.append((f"{labels[new]} > {labels[old]}\nLLM judge, LC", w["lc_win_rate"], w["lc_win_rate_ci95"]))
+    return out
 
 
 def _bars(ax, labels: list[str], values: list[float], colors: list[str], fmt: str, yerr=None) -> None:

@@ -321,6 +321,7 @@ def train_judge(run: RunDir, cfg: TrainConfig, options: JudgeOptions, inputs: di
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(rp.judge_pad_id(tokenizer))
         args = reward_config(options, cfg, staging / "trainer", progress)
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        quiet_trainer(trainer)
         result = trainer.train()
         trainer.model.save_pretrained(str(staging))
         shutil.rmtree(staging / "trainer", ignore_errors=True)
@@ -345,6 +346,17 @@ def train_judge(run: RunDir, cfg: TrainConfig, options: JudgeOptions, inputs: di
 
 
 # --- held-out accuracy ------------------------------------------------------------------------------------------
+
+def quiet_trainer(trainer) -> None:
+    """One compact line per logging step, as training prints (train/progress.py); without progress, none: the
+    Trainer's PrinterCallback would print every log dict."""
+    from transformers import PrinterCallback
+
+    from ..train.progress import use_compact_progress
+
+    trainer.remove_callback(PrinterCallback)
+    use_compact_progress(trainer)
+
 
 def accuracy(margins: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """How often the first answer of a pair scores higher (ties half), with a 95% percentile-bootstrap interval."""

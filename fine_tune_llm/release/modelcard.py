@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import ConfigError
-from ..eval import harness_report
+from ..eval import behaviour_report, harness_report
 from ..model.tiny import TINY_NAME
 from ..run import ADAPTER_CONFIG_FILE
 from .common import RunFiles, is_hub_id
@@ -269,7 +269,18 @@ def evaluation_section(run: RunFiles) -> str:
     if isinstance(greedy, dict) and "tuned" in greedy:
         lines += ["", ("Greedy answers that hit the token limit without ending their turn: "
                   + ", ".join(f"{labels.get(k, k)} {greedy.get(k)}" for k in names if k in greedy) + ".")]
-    return "\n".join(lines + benchmark_lines(report))
+    return "\n".join(lines + behaviour_lines(report) + benchmark_lines(report))
+
+
+def behaviour_lines(report: dict[str, Any]) -> list[str]:
+    """The judged section of the report (reward judge, safety probe, LLM judge); a malformed one is left out."""
+    try:
+        section = behaviour_report.markdown(report)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        log.warning("the judged results in report.json are malformed: the card leaves them out")
+        return []
+    return ["", *[line.replace("## ", "### ", 1) if line.startswith("## ") else
+                  line.replace("### ", "#### ", 1) if line.startswith("### ") else line for line in section]]
 
 
 def benchmark_lines(report: dict[str, Any]) -> list[str]:
