@@ -5,14 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import shutil
 
 import pytest
 
 from fine_tune_llm.eval import behaviour_report
+from fine_tune_llm.eval.judge import RUBRIC
 from fine_tune_llm.eval.report import RUNS_COLUMNS, _widened
 from fine_tune_llm.files import locked_append, locked_rewrite
 
 LABELS = {"base": "base", "sft": "SFT", "tuned": "SFT+DPO"}
+RUBRIC_FIRST_LINE = RUBRIC.splitlines()[0]
 
 
 def behaviour(clustered: bool = True) -> dict:
@@ -99,3 +103,51 @@ def test_the_picture_adds_reward_and_win_rate_panels(clustered):
     assert titles[-2:] == ["reward judge: mean reward, 95% CI", "win rate over the stage before, 95% CI"]
     labels = [t.get_text() for t in fig.axes[-1].get_xticklabels()]
     assert labels == ["SFT > base\nreward, len-matched", "SFT+DPO > SFT\nreward, len-matched"]
+
+
+class PositionAJudge:
+    """Always prefers whatever is shown first, and says yes to anything."""
+
+    def label_logprobs(self, messages, labels):
+        by_label = {"A": math.log(0.8), "B": math.log(0.2), "Yes": math.log(0.8), "No": math.log(0.2)}
+        return [by_label.get(label.strip(), math.log(0.5)) for label in labels]
+
+    def describe(self):
+        return {"backend": "fake", "model": "position-a"}
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    from fine_tune_llm.data import rows as data
+    from fine_tune_llm.train.lineage import preference_config
+    from fine_tune_llm.train.preference import train_preference
+    from tests.conftest import train_tiny
+
+    root = tmp_path_factory.mktemp("behaviour")
+    copy = root / "pairs.jsonl"
+    shutil.copyfile(data.SAMPLE_DATA, copy)
+    _cfg, result = train_tiny(root, "sft", dataset=str(copy), max_steps=6, eval_steps=6, save_steps=6)
+    return train_preference(preference_config(result.run.path, max_steps=4, eval_steps=4, save_steps=4),
+                            resume=False).run
+
+
+def test_evaluate_judges_by_default_and_a_position_biased_judge_reads_as_chance(dpo_run, tmp_path):
+    from fine_tune_llm.eval.evaluate import evaluate_run
+
+    report = evaluate_run(dpo_run, n_generations=4, max_new_tokens=12, metrics_dir=tmp_path, progress=False,
+                          judge=PositionAJudge())
+    b = report["behaviour"]
+    assert b["split"]["clustered"] and b["split"]["levels"][0]["test_questions"] > 0
+    assert [w["stage"] for w in b["reward"]["win_rates"]] == ["sft", "tuned"]
+    assert b["reward"]["columns"]["tuned"]["answers"] == 4 and (dpo_run.reward_judge_dir / "judge.json").is_file()
+    assert set(b["safety"]["columns"]) == {"base", "sft", "tuned"} and b["safety"]["questions"] >= 10
+    wins = b["llm_judge"]["win_rates"]
+    assert [w["win_rate"] for w in wins] == [pytest.approx(0.5), pytest.approx(0.5)]  # both orders cancel it
+    assert wins[0]["position_bias"] == pytest.approx(0.3)
+    assert "no better than chance" in b["llm_judge"]["calibration"]["verdict"]
+    text = dpo_run.report_md.read_text()
+    assert "## Did the behaviour change?" in text and "### LLM judge" in text and "backend fake" in text
+    assert "> " + RUBRIC_FIRST_LINE in text
+    with open(tmp_path / "runs.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["tuned_judge_win_rate"]) == pytest.approx(0.5) and row["rm_accuracy_length_matched"]

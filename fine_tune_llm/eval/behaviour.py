@@ -93,14 +93,14 @@ def llm_judge_section(llm_judge, test_rows: list[dict[str, Any]], prompts, answe
 
 
 def judge_behaviour(run: RunDir, cfg, columns, tokenizer, test_rows: list[dict[str, Any]],
-                    generations: dict[str, list[dict[str, Any]]], judge_spec: str | None = None,
+                    generations: dict[str, list[dict[str, Any]]], judge_spec: Any = None,
                     reward: bool = True, safety: bool = True, max_new_tokens: int = 128, rows: int = 48,
                     seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """The report's "behaviour" section: every part that applies, each a dict (see the module docstring)."""
     out: dict[str, Any] = {"split": split_leakage(run, cfg.near_duplicate_threshold)}
     prompts, answers = greedy_answers(generations, columns.names)
-    llm_judge = None
-    if judge_spec:
+    llm_judge = judge_spec if judge_spec is not None and not isinstance(judge_spec, str) else None
+    if isinstance(judge_spec, str) and judge_spec:  # else a judge loaded already (judge_backends.load_judge)
         from .judge_backends import load_judge
 
         llm_judge = load_judge(judge_spec)

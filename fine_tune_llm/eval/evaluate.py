@@ -237,7 +237,7 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
                  n_generations: int | None = None,
                  max_new_tokens: int = 128, metrics_dir: str | Path | None = None, seed: int = 0,
                  progress: bool = True, quantized: bool = False, tasks: str | Sequence[str] | None = None,
-                 limit: int | None = None, generation_rows: int = GENERATION_ROWS, judge: str | None = None,
+                 limit: int | None = None, generation_rows: int = GENERATION_ROWS, judge: Any = None,
                  judges: bool = True) -> dict[str, Any]:
     """Base vs each tuned stage on the run's held-out split; write report.json, report.md and a runs.csv row.
 
@@ -257,6 +257,10 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
     with hold(run, "evaluation", create=False):  # it writes the run's report: one writer per run directory
         check_environment(cfg, purpose="evaluate")
         rows = eval_rows(run, split)
+        if isinstance(judge, str):  # a bad --judge stops here, before any model is loaded
+            from .judge_backends import load_judge
+
+            judge = load_judge(judge)
         tokenizer = load_tokenizer(cfg)
         harness = lm_harness.plan(run, cfg, tokenizer, rows, tasks, split) if tasks else None
         columns = load_columns(run, cfg, quantized)
