@@ -83,8 +83,8 @@ def safety_lines(safety: dict[str, Any], labels: dict[str, str]) -> list[str]:
 def llm_judge_lines(section: dict[str, Any], labels: dict[str, str]) -> list[str]:
     judge = section["judge"]
     named = ", ".join(f"{k} {v}" for k, v in judge.items()) if isinstance(judge, dict) else str(judge)
-    lines = ["### LLM judge", "", f"Judge: {named}. Every comparison is asked in both orders; the verdict is the "
-             "judge's probability of each label, averaged over the two orders."]
+    lines = ["### LLM judge", "", (f"Judge: {named}. Every comparison is asked in both orders; the verdict is the "
+             "judge's probability of each label, averaged over the two orders.")]
     cal = section.get("calibration")
     if cal:
         lines += ["", (f"Calibration on {cal['pairs']} held-out reference pairs: agrees with the dataset's labels "

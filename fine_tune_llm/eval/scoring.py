@@ -79,7 +79,7 @@ def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Seq
     n = len(input_ids)
     order = sorted(range(n), key=lambda i: -len(input_ids[i]))
     nats, tokens = [0.0] * n, [0] * n
-    device = model_device(model)
+    device, answer_only = model_device(model), takes_logits_to_keep(model)
     batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
     for idx in console.progress(batches, desc=desc or "scoring", unit="batch", disable=not progress, leave=False):
         width = max(len(input_ids[i]) for i in idx)
@@ -91,11 +91,16 @@ def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Seq
             ids[row, :length] = torch.tensor(input_ids[i])
             attention[row, :length] = 1
             mask[row, :length] = torch.tensor(completion_mask[i], dtype=torch.bool)
-        # use_cache=False: a one-pass score needs no KV cache (building one costs a concat per layer).
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
-        # Position t predicts token t+1: a masked target at t+1 is scored from the logits at t.
+        # Position t predicts token t+1: a masked target at t+1 is scored from the logits at t, and only those
+        # positions are projected onto the vocabulary (logits_to_keep as a boolean mask: the same values, in the
+        # same row-major order, without the prompt's logits). use_cache=False: a one-pass score needs no KV cache.
         target = mask[:, 1:]
-        picked = logits[:, :-1][target.to(logits.device)].float()
+        keep = torch.zeros_like(mask)
+        keep[:, :-1] = target
+        kwargs = {"logits_to_keep": keep.to(device)} if answer_only else {}
+        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False,
+                       **kwargs).logits
+        picked = (logits if answer_only else logits[keep.to(logits.device)]).float()
         labels = ids[:, 1:][target].to(picked.device)
         logp = torch.log_softmax(picked, dim=-1).gather(-1, labels[:, None]).squeeze(-1).double().cpu()
         counts = target.sum(dim=1).tolist()
@@ -103,6 +108,14 @@ def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Seq
             nats[i] = -chunk.sum().item()
             tokens[i] = int(count)
     return nats, tokens
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the (base) model's forward selects the positions it projects (transformers' causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def score_answers(model, tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int,
