@@ -248,7 +248,9 @@ def check_preference(ctx) -> dict:
             if stage == "sft":
                 result = train(ctx["cfg"](**common), resume=False)
             else:
-                result = train_preference(preference_config(f"{tmp}/sft", **common), resume=False)
+                # DPO's loss: the path with a reference pass (SimPO, the default, has none)
+                result = train_preference(preference_config(f"{tmp}/sft", loss_type="sigmoid", **common),
+                                          resume=False)
             state = json.loads((Path(tmp) / stage / "trainer_state.json").read_text())
             runtime = next(h["train_runtime"] for h in reversed(state["log_history"]) if "train_runtime" in h)
             evals = sum(h.get("eval_runtime", 0) for h in state["log_history"])

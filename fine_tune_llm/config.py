@@ -161,14 +161,14 @@ class TrainConfig:
     sft_run: str | None = option(None, help=(
         "The SFT run a dpo stage continues: its adapter, its saved split (so no test question is trained on by "
         "either stage) and its settings."))
-    loss_type: str = option("sigmoid", help=(
-        "sigmoid is DPO's own loss (Rafailov et al. 2023), the best-studied; ipo (Azar et al. 2023) regresses "
-        "the per-token log-ratio margin to 1/(2 beta) instead of pushing it without bound; simpo (Meng et al. "
-        "2024) needs no reference and compares per-token log-likelihoods, so length cannot buy reward (its paper "
-        "uses --beta 2.0 with simpo_gamma 1.0)."))
-    beta: float = option(0.1, help=(
-        "How far the policy may move from the SFT reference: 0.1 is the DPO paper's and TRL's default; lower lets "
-        "it move further (and learn length more easily)."))
+    loss_type: str = option("simpo", help=(
+        "simpo (Meng et al. 2024), the default: it compares per-token log-likelihoods, so length cannot buy reward, "
+        "and it met the goal at full size where DPO's defaults made answers a third longer (a measured sweep: "
+        "docs/results.md#the-default-preference-setting); sigmoid is DPO's own loss (Rafailov et al. 2023); ipo "
+        "(Azar et al. 2023) regresses the log-ratio margin to 1/(2 beta) instead of pushing it without bound."))
+    beta: float | None = option(None, help=(
+        "How far the policy may move: unset, the loss's usual value, 0.1 for sigmoid and ipo (the DPO paper's and "
+        "TRL's), 2.0 for simpo (the SimPO paper's); a lower beta lets DPO move further (and learn length)."))
     simpo_gamma: float = option(1.0, help=(
         "SimPO's target margin (loss_type simpo only): the chosen answer must beat the rejected one by gamma "
         "nats/token x beta; gamma/beta ~0.5 is the paper's range."))
@@ -341,8 +341,13 @@ TRAIN_ON = ("all", "last")
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # LoRA DPO moves an already tuned adapter: ~1/10 of the SFT rate (TRL's 1e-6 is for full fine-tunes, where
     # every weight moves); a tenth of the steps warm up so the first updates stay near the reference.
-    "dpo": {"learning_rate": 2e-5, "warmup_ratio": 0.1, "num_epochs": 1.0, "max_steps": -1},
+    # SimPO at 1e-5: the setting of a measured sweep that met the goal at full size (docs/results.md#the-default-
+    # preference-setting); beta None is resolved per loss (BETA), also when the SFT run recorded one.
+    "dpo": {"loss_type": "simpo", "beta": None, "learning_rate": 1e-5, "warmup_ratio": 0.1, "num_epochs": 1.0,
+            "max_steps": -1},
 }
+# beta when none is given: the DPO paper's and TRL's 0.1 for sigmoid and ipo, the SimPO paper's 2.0.
+BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
 # What a preference stage may not change from its SFT run: the model, the data, the template and the adapter.
 INHERITED = ("preset", "base_model", "gguf_file", "requires_cuda", "allow_pickle", "trust_remote_code", "dataset",
              "data_format", "columns", "train_on", "data_samples", "val_fraction", "test_fraction",
@@ -368,6 +373,8 @@ def make_config(preset: str = "gemma-2b-it", yaml_file: str | Path | None = None
     values.update({**STAGE_DEFAULTS.get(stage, {}), **preset_values.get(stage, {}), **loaded.get(stage, {})})
     values.update(_options(loaded))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("beta") is None:
+        values["beta"] = BETA.get(values.get("loss_type", "simpo"), 0.1)
     if isinstance(values.get("columns"), Mapping):  # YAML's mapping form: the flag's text form is what is stored
         values["columns"] = ",".join(f"{k}={v}" for k, v in values["columns"].items())
     unknown = sorted(set(values) - set(field_names()))

@@ -135,7 +135,14 @@ def test_a_preset_files_stage_section_sets_the_preference_stage_defaults():
     dpo = make_config(base=base, stage="dpo", sft_run="runs/x")
     assert (dpo.learning_rate, dpo.max_steps) == (PRESETS["tiny"]["dpo"]["learning_rate"], 20)
     gemma = make_config(base=make_config().to_dict(), stage="dpo", sft_run="runs/x")
-    assert (gemma.learning_rate, gemma.max_steps) == (2e-5, -1)
+    assert (gemma.loss_type, gemma.beta, gemma.learning_rate, gemma.max_steps) == ("simpo", 2.0, 1e-5, -1)
+
+
+def test_beta_left_unset_is_the_losss_own_even_when_the_sft_run_recorded_one():
+    sft = {**make_config().to_dict(), "loss_type": "sigmoid", "beta": 0.1}  # as a run saved before the default
+    assert make_config(base=sft, stage="dpo", sft_run="runs/x").beta == 2.0  # simpo, the stage's default
+    assert make_config(base=sft, stage="dpo", sft_run="runs/x", loss_type="sigmoid").beta == 0.1
+    assert make_config(base=sft, stage="dpo", sft_run="runs/x", loss_type="ipo", beta=0.5).beta == 0.5
 
 
 def test_a_bad_preset_or_config_file_is_named(tmp_path):

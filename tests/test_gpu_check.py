@@ -112,3 +112,18 @@ def test_without_cuda_it_exits_with_a_clear_message(command):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == "gpu_check needs a CUDA GPU: CUDA_VISIBLE_DEVICES='' hides every GPU"
     assert "wrote" not in proc.stdout  # no CSV from a run that measured nothing
+
+
+def test_the_preference_check_measures_steps_the_reference_pass_and_memory(tmp_path, monkeypatch):
+    """The DPO check, run on the tiny preset with the CUDA memory counters stubbed: the rows the first lent GPU
+    writes to bench_preference_cuda.csv."""
+    from fine_tune_llm.config import make_config
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    ctx = {"cfg": lambda **kw: make_config("tiny", **kw)}
+    result = gpu_check.check_preference(ctx)
+    rows = {r["row"]: r for r in ctx["preference_rows"]}
+    assert result["ok"] and set(rows) == {"sft_step", "dpo_step", "ref_pass"}
+    assert rows["dpo_step"]["seconds"] > 0 and rows["dpo_step"]["peak_mem_gb"] == 1.0 and rows["ref_pass"]["pairs"] > 0
+    assert "dpo_step / sft_step" in result["detail"]

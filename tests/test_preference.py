@@ -36,8 +36,8 @@ def dpo(sft):
     # A rate far above the preset's moves the toy a long way in 8 steps: these tests check the mechanism (loss,
     # margins, lineage), not what the preset's stage does to the toy's answers (test_notebooks.py looks at that).
     # group_by_length as the CPU preset runs it: length-grouped training batches, evaluation sorted by length
-    cfg = preference_config(sft.path, learning_rate=5e-3, max_steps=8, logging_steps=1, eval_steps=8, save_steps=8,
-                            group_by_length=True)
+    cfg = preference_config(sft.path, loss_type="sigmoid", learning_rate=5e-3, max_steps=8, logging_steps=1,
+                            eval_steps=8, save_steps=8, group_by_length=True)
     return cfg, train_preference(cfg, resume=False)
 
 
