@@ -135,7 +135,7 @@ def test_a_preset_files_stage_section_sets_the_preference_stage_defaults():
     dpo = make_config(base=base, stage="dpo", sft_run="runs/x")
     assert (dpo.learning_rate, dpo.max_steps) == (PRESETS["tiny"]["dpo"]["learning_rate"], 20)
     gemma = make_config(base=make_config().to_dict(), stage="dpo", sft_run="runs/x")
-    assert (gemma.loss_type, gemma.beta, gemma.learning_rate, gemma.max_steps) == ("simpo", 2.0, 1e-5, -1)
+    assert (gemma.loss_type, gemma.beta, gemma.learning_rate, gemma.max_steps) == ("simpo", 2.0, 7.5e-6, -1)
 
 
 def test_beta_left_unset_is_the_losss_own_even_when_the_sft_run_recorded_one():
