@@ -32,7 +32,8 @@ def report_figure(report: dict[str, Any]):
     wins = win_bars(behaviour, report["columns"])
     panels = ["perplexity"] + (["margin"] if "mean_margin" in metrics[names[0]] else []) + (
         ["length"] if lengths else []) + (["reward"] if "reward" in behaviour else []) + (["wins"] if wins else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    widths = [1.5 if p == "wins" and len(wins) > 2 else 1 for p in panels]  # room for each comparison's label
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * sum(widths), 4.2), width_ratios=widths)
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, panel in zip(axes, panels):
         if panel == "reward":
@@ -50,6 +51,7 @@ def report_figure(report: dict[str, Any]):
                   "{:.0%}", yerr=err)
             ax.axhline(0.5, color="black", lw=0.8, ls="--")
             ax.set(title="win rate over the stage before, 95% CI", ylabel="share of questions won", ylim=(0, 1.05))
+            ax.tick_params(axis="x", labelsize=7 if len(wins) > 2 else 9)  # up to four two-line labels
         elif panel == "perplexity":
             values = [metrics[n]["perplexity"] for n in names]
             _bars(ax, labels, values, colors, "{:.2f}")
