@@ -95,17 +95,19 @@ def test_accumulation_equals_a_bigger_batch_within_bf16_rounding_in_qlora(runs):
     the 8 rows - agrees to float precision (measured 7e-8). After that the LoRA weights and their gradients are
     bf16 (TRL casts adapters to bf16 on quantized models): 8 gradients summed one by one round differently from
     one batched gradient (bf16 keeps 8 bits, ~4e-3 relative per add), so the trajectories drift apart slowly
-    (measured: 3e-5 at step 2, 1.9e-4 at step 3). Tolerance 1e-3: 35x below the normalization bug's 3.5%."""
+    (measured: 3e-5 at step 2, 1.9e-4 at step 3), hence 1e-3 after step 1. Step 1 is where a wrong normalization
+    shows, and its tolerance (1e-5) lies far below what the bug does to step 1 on these very rows (checked below:
+    the rows of the first batch depend on the split, 0.3% on the near-duplicate split's)."""
     big, acc = runs("b8", batch_size=8, grad_accum=1), runs("b1x8", batch_size=1, grad_accum=8)
     tb, ta = trajectory(big), trajectory(acc)
     assert ta[1][0] == pytest.approx(tb[1][0], rel=1e-5)
     for step in tb:
         assert ta[step][0] == pytest.approx(tb[step][0], rel=1e-3), f"loss, step {step}"
         assert ta[step][1] == pytest.approx(tb[step][1], rel=1e-2), f"grad norm, step {step}"  # ~2 bf16 ulps
-    # Both tolerances are far below what a wrong normalization does to step 1 on these very rows.
+    # Step 1's tolerance is far below what a wrong normalization does to step 1 on these very rows.
     token_mean, mean_of_means = _step1_losses(big)
     assert token_mean == pytest.approx(tb[1][0], rel=1e-4)  # the logged loss is the token mean
-    assert abs(mean_of_means - token_mean) > 30 * 1e-3 * token_mean
+    assert abs(mean_of_means - token_mean) > 100 * 1e-5 * token_mean
 
 
 def _step1_losses(result) -> tuple[float, float]:
