@@ -180,10 +180,18 @@ def check_against_reference(run: RunDir, tmp_path, n_generations: int, rows_per_
     return report, columns, questions
 
 
-def test_a_preference_run_reports_the_same_numbers_and_greedy_answers_as_column_by_column(preference_run, tmp_path):
+def test_a_preference_run_reports_the_same_numbers_and_greedy_answers_as_column_by_column(preference_run, tmp_path,
+                                                                                          monkeypatch):
+    from fine_tune_llm.train import preference_logps
+
+    packed, pack = [], preference_logps.packed_pair_logps
+    monkeypatch.setattr(preference_logps, "packed_pair_logps",
+                        lambda model, prompts, *a, **k: packed.append(len(prompts)) or pack(model, prompts, *a, **k))
     # 3 columns x 2 modes x 5 questions in batches of 7: batches that split a column's questions and mix columns.
     report, columns, _questions = check_against_reference(preference_run, tmp_path, 5, 7)
     assert columns.names == ["base", "sft", "tuned"] and report["metrics"]["tuned"]["pairs"] == 16
+    # Each column ran every pair's chosen and rejected answer in one row, the prompt once (the reference: apart).
+    assert packed == [16, 16, 16]
     # The three columns differ, so the mixed batches kept each row on its own adapter.
     assert len({report["metrics"][n]["perplexity"] for n in columns.names}) == 3
     answers = [tuple(g[n]["answer"] for g in report["generations"]["greedy"]) for n in columns.names]

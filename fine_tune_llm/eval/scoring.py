@@ -110,6 +110,54 @@ def score_tokens(model, input_ids: Sequence[Sequence[int]], completion_mask: Seq
     return nats, tokens
 
 
+def score_sharing_prompts(model, input_ids: Sequence[Sequence[int]], completion_mask: Sequence[Sequence[int]],
+                          pad_id: int = 0, batch_size: int = 8, desc: str | None = None,
+                          progress: bool = True) -> tuple[list[float], list[int]]:
+    """score_tokens' (nats, tokens), the prompt run once for two sequences that share it: such a pair is one row,
+    prompt + answer + other answer, the other answer attending to the prompt and to itself only, its positions
+    restarting after the prompt (train/preference_logps.packed_pair_logps, the reference pass's own packing). The
+    prompt is more than half the tokens of a psychology pair, so a pair costs about a third less. Sequences
+    without a partner, or whose trained tokens are not all of what follows the prompt, and models whose attention
+    takes no custom mask (flash-attention), are scored as score_tokens scores them (`batch_size` a batch)."""
+    from ..train.preference_logps import packed_pair_logps, shares_prompts
+
+    pairs, rest = ((*_shared_prompt_pairs(input_ids, completion_mask),) if takes_logits_to_keep(model)
+                   and shares_prompts(model) else ([], list(range(len(input_ids)))))
+    nats, tokens = [0.0] * len(input_ids), [0] * len(input_ids)
+    if pairs:
+        answer = [[input_ids[i][p:] for i, _, p in pairs], [input_ids[j][p:] for _, j, p in pairs]]
+        with torch.inference_mode():
+            logps = packed_pair_logps(model, [input_ids[i][:p] for i, _, p in pairs], *answer, pad_id,
+                                      desc=f"{desc or 'scoring'} (pairs)", progress=progress)
+        for n, (i, j, _) in enumerate(pairs):
+            nats[i], tokens[i] = -logps["chosen"][n], len(answer[0][n])
+            nats[j], tokens[j] = -logps["rejected"][n], len(answer[1][n])
+    if rest:
+        apart = score_tokens(model, [input_ids[i] for i in rest], [completion_mask[i] for i in rest], pad_id,
+                             batch_size, desc, progress)
+        for i, n, t in zip(rest, *apart):
+            nats[i], tokens[i] = n, t
+    return nats, tokens
+
+
+def _shared_prompt_pairs(input_ids, completion_mask) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """([(i, j, prompt length)], the other indices): sequences paired two by two when their prompts (the tokens
+    before the first trained one) are the same and everything after the prompt is trained."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    rest = []
+    for i, (ids, mask) in enumerate(zip(input_ids, completion_mask)):
+        p = next((t for t, m in enumerate(mask) if m), len(mask))
+        if 0 < p < len(ids) and all(mask[p:]):
+            by_prompt.setdefault(tuple(ids[:p]), []).append(i)
+        else:
+            rest.append(i)
+    pairs = []
+    for prompt, members in by_prompt.items():
+        pairs += [(i, j, len(prompt)) for i, j in zip(members[::2], members[1::2])]
+        rest += members[-1:] if len(members) % 2 else []
+    return pairs, rest
+
+
 def takes_logits_to_keep(model) -> bool:
     """Whether the (base) model's forward selects the positions it projects (transformers' causal LMs do)."""
     import inspect
@@ -142,13 +190,14 @@ def score_encoded(model, tokenizer, enc: dict[str, list[Any]], batch_size: int =
 def score_parts(model, tokenizer, parts: dict[str, dict[str, list[Any]]], batch_size: int = 8,
                 desc: str | None = None, progress: bool = True) -> dict[str, Scored]:
     """Several encodings (encode_examples' output, by name) scored in one length-sorted stream of batches: one pass
-    over the model however many sets a column needs. A sequence scores the same in any batch (score_tokens), so
-    this equals scoring each set on its own."""
+    over the model however many sets a column needs, two sequences with the same prompt (a pair's chosen and
+    rejected answer) in one row (score_sharing_prompts). A sequence scores the same in any batch and row, up to
+    float32 rounding, so this equals scoring each set on its own."""
     kept = {name: [i for i, s in enumerate(enc["status"]) if s != "too_long"] for name, enc in parts.items()}
     ids = [parts[name]["input_ids"][i] for name in parts for i in kept[name]]
     masks = [parts[name]["completion_mask"][i] for name in parts for i in kept[name]]
-    nats, tokens = score_tokens(model, ids, masks, pad_id=_pad_id(tokenizer), batch_size=batch_size, desc=desc,
-                                progress=progress)
+    nats, tokens = score_sharing_prompts(model, ids, masks, pad_id=_pad_id(tokenizer), batch_size=batch_size,
+                                         desc=desc, progress=progress)
     out, start = {}, 0
     for name, enc in parts.items():
         rows, stop = kept[name], start + len(kept[name])
