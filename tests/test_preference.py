@@ -96,11 +96,19 @@ def test_a_pair_packed_on_one_shared_prompt_scores_as_its_two_sequences_apart(sf
     pairs = data["train"]
     prompts, chosen, rejected = list(pairs["prompt_ids"]), list(pairs["chosen_ids"]), list(pairs["rejected_ids"])
     policy.eval()
-    packed = packed_pair_logps(policy, prompts, chosen, rejected, tok.pad_token_id, batch_tokens=1500, progress=False)
+    widths = []
+    forward = policy.forward
+    policy.forward = lambda *a, **k: widths.append(k["input_ids"].shape[1]) or forward(*a, **k)
+    # Widths rounded up to a multiple of 16 (training's pad_to_multiple_of): a bounded set of shapes, same numbers.
+    packed = packed_pair_logps(policy, prompts, chosen, rejected, tok.pad_token_id, batch_tokens=1500, progress=False,
+                               pad_to=16)
+    assert widths and all(w % 16 == 0 for w in widths)
+    widths.clear()
     apart = sequence_logps(policy, [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)],
                            [len(p) for p in prompts] * 2, tok.pad_token_id, progress=False)
     n = len(prompts)
     assert n > 8 and len({len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)}) > 3
+    assert any(w % 16 for w in widths)  # unrounded, the widths are of every kind
     torch.testing.assert_close(torch.tensor(packed["chosen"]), torch.tensor(apart[:n]), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(torch.tensor(packed["rejected"]), torch.tensor(apart[n:]), rtol=1e-5, atol=1e-3)
 

@@ -40,7 +40,13 @@ from .memory_estimate import refuse_if_too_big
 from .preference_logps import cached_reference, pair_logps, with_reference_columns
 from .progress import use_compact_progress
 from .sft import TrainResult, finish, lora_inputs_uncast
-from .trainers import AnswerOnlyDPOTrainer, GuardedDPOTrainer, StopOnSigint, default_callbacks
+from .trainers import (
+    AnswerOnlyDPOTrainer,
+    GuardedDPOTrainer,
+    StopOnSigint,
+    default_callbacks,
+    release_freed_memory,
+)
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
@@ -210,7 +216,10 @@ def reference_columns(cfg: TrainConfig, run: RunDir, model, tokenizer, data: dic
     def compute(name: str, pairs) -> dict[str, list[float]]:
         with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None), \
                 lora_inputs_uncast(model, cfg):
-            return pair_logps(model, pairs, pad_id, desc=f"reference log-probs ({name})")
+            logps = pair_logps(model, pairs, pad_id, desc=f"reference log-probs ({name})",
+                               pad_to=cfg.pad_to_multiple_of)
+        release_freed_memory()  # the pass's activations, of many shapes, would stay in glibc's heap for training
+        return logps
 
     t0 = time.time()
     was_training = model.training

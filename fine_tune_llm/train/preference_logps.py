@@ -78,22 +78,17 @@ def install_answer_only_head(base_model) -> None:
 @torch.inference_mode()
 def sequence_logps(model, sequences: Sequence[Sequence[int]], answer_starts: Sequence[int], pad_id: int,
                    batch_tokens: int = REF_BATCH_TOKENS, desc: str = "reference log-probs",
-                   progress: bool = True) -> list[float]:
+                   progress: bool = True, pad_to: int | None = None) -> list[float]:
     """Summed log-prob of each sequence's tokens from `answer_starts[i]` on, in input order. Sequences are sorted by
-    length and packed into batches of at most `batch_tokens` (padded) tokens; padding is on the right."""
+    length and packed into batches of at most `batch_tokens` (padded) tokens; padding is on the right, each batch's
+    width rounded up to a multiple of `pad_to` (length_batches)."""
     from ..model.loading import model_device
 
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    batches, batch = [], []
-    for i in order:  # longest first: a batch's width is its first sequence's length
-        if batch and (len(batch) + 1) * len(sequences[batch[0]]) > batch_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches += [batch] if batch else []
+    widths = [_round_up(len(s), pad_to) for s in sequences]
     device, out = model_device(model), [0.0] * len(sequences)
-    for idx in console.progress(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        width = len(sequences[idx[0]])
+    for idx in console.progress(length_batches(widths, batch_tokens), desc=desc, unit="batch", disable=not progress,
+                                leave=False):
+        width = widths[idx[0]]
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         labels = torch.full((len(idx), width), -100, dtype=torch.long)
@@ -110,16 +105,18 @@ def sequence_logps(model, sequences: Sequence[Sequence[int]], answer_starts: Seq
     return out
 
 
-def pair_logps(model, pairs, pad_id: int, desc: str, progress: bool = True) -> dict[str, list[float]]:
+def pair_logps(model, pairs, pad_id: int, desc: str, progress: bool = True,
+               pad_to: int | None = None) -> dict[str, list[float]]:
     """{"chosen": [...], "rejected": [...]}: each pair's summed answer log-probs. Where the attention takes a
     custom mask, a pair is one row whose prompt both answers share (packed_pair_logps); else each answer is a
     sequence of its own, all sorted together by length (sequence_logps)."""
     prompts, chosen, rejected = list(pairs["prompt_ids"]), list(pairs["chosen_ids"]), list(pairs["rejected_ids"])
     if shares_prompts(model):
-        return packed_pair_logps(model, prompts, chosen, rejected, pad_id, desc=desc, progress=progress)
+        return packed_pair_logps(model, prompts, chosen, rejected, pad_id, desc=desc, progress=progress, pad_to=pad_to)
     n = len(prompts)
     sequences = [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
-    logps = sequence_logps(model, sequences, [len(p) for p in prompts] * 2, pad_id, desc=desc, progress=progress)
+    logps = sequence_logps(model, sequences, [len(p) for p in prompts] * 2, pad_id, desc=desc, progress=progress,
+                           pad_to=pad_to)
     return {"chosen": logps[:n], "rejected": logps[n:]}
 
 
@@ -140,25 +137,20 @@ def packed_rows(prompt: list[int], chosen: list[int], rejected: list[int]):
 
 @torch.inference_mode()
 def packed_pair_logps(model, prompts, chosen, rejected, pad_id: int, batch_tokens: int = REF_BATCH_TOKENS,
-                      desc: str = "reference log-probs", progress: bool = True) -> dict[str, list[float]]:
+                      desc: str = "reference log-probs", progress: bool = True,
+                      pad_to: int | None = None) -> dict[str, list[float]]:
     """Summed log-probs of both answers of each pair, the prompt run once: a row is prompt + chosen + rejected, and
     the rejected answer's tokens attend to the prompt and to themselves, never to the chosen answer. Its first
     token is scored from the prompt's last position, the one that also scores the chosen answer's first token."""
     from ..model.loading import model_device
 
     n = len(prompts)
-    width = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-    order = sorted(range(n), key=lambda i: -width[i])
-    batches, batch = [], []
-    for i in order:
-        if batch and (len(batch) + 1) * width[batch[0]] > batch_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    batches += [batch] if batch else []
+    width = [_round_up(len(p) + len(c) + len(r), pad_to) for p, c, r in zip(prompts, chosen, rejected)]
     device, out = model_device(model), {"chosen": [0.0] * n, "rejected": [0.0] * n}
-    for idx in console.progress(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        ids, positions, allowed, keep, targets, first_rejected = _packed_batch(idx, prompts, chosen, rejected, pad_id)
+    for idx in console.progress(length_batches(width, batch_tokens), desc=desc, unit="batch", disable=not progress,
+                                leave=False):
+        ids, positions, allowed, keep, targets, first_rejected = _packed_batch(idx, prompts, chosen, rejected, pad_id,
+                                                                               width[idx[0]])
         # SDPA takes the boolean mask; eager attention adds it to its scores
         mask = allowed if model.config._attn_implementation == "sdpa" else torch.zeros(
             allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
@@ -177,12 +169,30 @@ def packed_pair_logps(model, prompts, chosen, rejected, pad_id: int, batch_token
     return out
 
 
-def _packed_batch(idx, prompts, chosen, rejected, pad_id: int):
+def length_batches(width: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted longest first, cut into batches of at most `batch_tokens` (rows x the first row's width)."""
+    batches, batch = [], []
+    for i in sorted(range(len(width)), key=lambda i: -width[i]):
+        if batch and (len(batch) + 1) * width[batch[0]] > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + ([batch] if batch else [])
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    # Batch widths from a bounded set: oneDNN compiles and keeps a kernel per matmul shape (its primitive cache),
+    # so a new width every batch grows the process by ~0.3 GB over a reference pass (docs/results.md#where-the-
+    # memory-goes); training pads to the same multiple for the same reason.
+    return -(-n // multiple) * multiple if multiple else n
+
+
+def _packed_batch(idx, prompts, chosen, rejected, pad_id: int, width: int | None = None):
     """Tensors of one batch of packed rows: ids, position ids, the 4D attention mask (True: may attend), the positions whose
     logits are kept (in order: the chosen answer's predictions, then the rejected one's after its first token),
     their targets, and each row's rejected first token."""
     rows = [packed_rows(prompts[i], chosen[i], rejected[i]) for i in idx]
-    width = max(len(r[0]) for r in rows)
+    width = max([len(r[0]) for r in rows] + [width or 0])
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(idx), width), dtype=torch.long)
     allowed = torch.zeros((len(idx), width, width), dtype=torch.bool)
