@@ -65,14 +65,34 @@ def make_runs(args, root: Path):
     return sft, train_preference(cfg, resume=False).run
 
 
-def time_new(run, args, root: Path, judges: bool = False) -> tuple[float, float]:
-    from fine_tune_llm.eval.evaluate import evaluate_run
+def time_new(run, args, root: Path, judges: bool = False, parts: dict[str, float] | None = None) -> tuple[float, float]:
+    """evaluate_run's wall time and peak RSS; `parts` gets the seconds spent scoring and generating inside it."""
+    from fine_tune_llm.eval import evaluate
 
+    timed = {"scoring": "score_model", "generation": "compare_generations"}
+    originals = {name: getattr(evaluate, name) for name in timed.values()}
+
+    def timer(part, fn):
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if parts is not None:
+                    parts[part] = parts.get(part, 0.0) + time.perf_counter() - t
+        return wrapped
+
+    for part, name in timed.items():
+        setattr(evaluate, name, timer(part, originals[name]))
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
-        evaluate_run(run, n_generations=args.generations, max_new_tokens=args.max_new_tokens,
-                     metrics_dir=root / "metrics", progress=False, generation_rows=args.generation_rows,
-                     judges=judges)
+    try:
+        with PeakMemory() as mem:
+            evaluate.evaluate_run(run, n_generations=args.generations, max_new_tokens=args.max_new_tokens,
+                                  metrics_dir=root / "metrics", progress=False, generation_rows=args.generation_rows,
+                                  judges=judges)
+    finally:
+        for name, fn in originals.items():
+            setattr(evaluate, name, fn)
     return time.perf_counter() - t0, mem.peak_gb
 
 
@@ -125,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-run", default=None, help="reuse this SFT run (trained in one go: its time is read)")
     p.add_argument("--dpo-run", default=None, help="reuse this DPO run (of --sft-run) instead of training one")
     p.add_argument("--dpo-max-steps", type=int, default=20, help="a short DPO stage: evaluation costs the same")
-    p.add_argument("--generations", type=int, default=20, help="held-out questions answered by every column")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--generations", type=int, default=None,
+                   help="held-out questions answered by every column (default: the run's eval_generations)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="evaluate's default")
     p.add_argument("--generation-rows", type=int, default=None, help="answers a generate call (default: evaluate's)")
     p.add_argument("--old-path", action="store_true", help="also time the column-by-column evaluation")
     p.add_argument("--judges", action="store_true",
@@ -150,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     sft, dpo = make_runs(args, root)
     sft_s = sft_epoch_seconds(sft)
+    if args.generations is None:
+        args.generations = dpo.read_config().eval_generations
     print(f"prompt tokens: {prompt_share(dpo):.1%} of the tokens scored", flush=True)
     release_memory()
     info = {"machine": "; ".join(f"{k} {v}" for k, v in machine().items()), "commit": git_state().get("commit"),
@@ -159,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds, peak = time_old(dpo, args)
         rows.append(row("evaluate_column_by_column", seconds, peak, sft_s, "reference (the path replaced)", "", info))
         release_memory()
-    seconds, peak = time_new(dpo, args, root)
+    parts: dict[str, float] = {}
+    seconds, peak = time_new(dpo, args, root, parts=parts)
     what = f"{args.generations} generations of <= {args.max_new_tokens} tokens, {args.generation_rows} rows a batch"
     rows.append(row(f"evaluate ({what})", seconds, peak, sft_s, f"<= {GOAL}x SFT epoch", seconds <= GOAL * sft_s,
                     info))
+    rows.append(row("  of which: scoring the columns (every test pair, prompts shared)", parts["scoring"], 0.0, sft_s,
+                    "", "", info))
+    rows.append(row(f"  of which: generations ({what})", parts.get("generation", 0.0), 0.0, sft_s, "", "", info))
     if args.judges:  # the judged section on top: the reward judge trained (then read back), the safety probe
         import shutil
 
