@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gc
 import os
 import platform
@@ -9,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,6 +92,22 @@ def cpu_description() -> str:
         return torch.cuda.get_device_name(0)
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
     return f"CPU {cpu_name()} x{os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None,
+              append: bool = False) -> Path:
+    """A benchmark's rows to `path` (its folder made), with a header; `append` adds them to an existing file
+    (the header only when the file is new). Columns: `columns`, else the first row's keys; keys outside them are
+    left out."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not (append and out.is_file())
+    with open(out, "w" if new else "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns or list(rows[0]), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return out
 
 
 def rss_gb() -> float:

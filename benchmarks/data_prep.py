@@ -12,12 +12,11 @@ Writes metrics/bench_data_prep_formats_cpu.csv (one row per code version and fil
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import time
 from pathlib import Path
 
-from common import GEMMA_TOKENIZER, REAL_DATA, REPO, SHARED, cpu_description, load_average
+from common import GEMMA_TOKENIZER, REAL_DATA, REPO, SHARED, cpu_description, load_average, write_csv
 
 CHATTERBOT = SHARED / "data" / "chatterbot-corpus" / "english_messages.jsonl"
 COLUMNS = ["code", "data", "rows", "load_split_s", "tokenize_s", "load_average", "device"]
@@ -66,14 +65,7 @@ def main() -> int:
                "load_average": round(load_average(), 1), "device": cpu_description()}
         print(row)
         rows.append(row)
-    out = Path(a.out)
-    new = not (a.append and out.is_file())
-    with open(out, "w" if new else "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {write_csv(a.out, rows, COLUMNS, append=a.append)}")
     return 0
 
 

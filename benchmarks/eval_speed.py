@@ -20,7 +20,6 @@ docs/results.md#evaluation-speed.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from datetime import date
@@ -29,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, SMOL_GGUF, PeakMemory, machine, release_memory
+from benchmarks.common import REAL_DATA, SMOL_GGUF, PeakMemory, machine, release_memory, write_csv
 
 COLUMNS = ["row", "seconds", "peak_rss_gb", "ratio_to_sft_epoch", "goal", "met", "machine", "commit", "date"]
 GOAL = 0.5  # evaluation at most half an SFT epoch
@@ -198,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             release_memory()
             seconds, peak = time_new(dpo, args, root, judges=True)
             rows.append(row(f"evaluate with judges, {when} ({what})", seconds, peak, sft_s, "", "", info))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out, rows, COLUMNS)
     for r in rows:
         print(f"{r['row']}: {r['seconds']} s, {r['ratio_to_sft_epoch']}x SFT epoch, peak {r['peak_rss_gb']} GB")
     print(f"{args.out} ({info['machine']})")

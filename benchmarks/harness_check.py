@@ -14,7 +14,6 @@ task is written into RUN_DIR/harness/: pass a copy of a run you do not own. Meas
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, machine
+from benchmarks.common import REPO, machine, write_csv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(timezone.utc).date().isoformat(),
         })
     _print(out, run, info)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(out[0]))
-        writer.writeheader()
-        writer.writerows(out)
-    print(f"  written: {path}")
+    print(f"  written: {write_csv(args.out, out)}")
     return 0
 
 

@@ -16,7 +16,6 @@ and CPU seconds. Measured: docs/results.md#a-small-judge-on-the-psychology-pairs
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, REPO, SMOL_GGUF, machine
+from benchmarks.common import REAL_DATA, REPO, SMOL_GGUF, machine, write_csv
 
 
 def held_out_pairs(n: int, seed: int = 42) -> list[dict]:
@@ -106,15 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key, value in row.items():
         print(f"{key:>24}: {value}")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    print(f"wrote {path}")
+    print(f"wrote {write_csv(args.out, [row], append=True)}")
     return 0
 
 

@@ -13,13 +13,12 @@ package's own tokenized training split; no model is run. Writes metrics/bench_pa
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, SMOL_GGUF
+from benchmarks.common import REAL_DATA, SMOL_GGUF, write_csv
 
 COLUMNS = ["sampler", "batches", "real_tokens", "padded_tokens", "padding_share", "distinct_batch_lengths",
            "rows", "batch_size", "model"]
@@ -70,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"sampler": name, **padding_of(lengths, order, cfg.batch_size), "rows": len(lengths),
              "batch_size": cfg.batch_size, "model": Path(cfg.base_model).name}
             for name, order in orders(lengths, cfg.batch_size, cfg.seed).items()]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out, rows, COLUMNS)
     for r in rows:
         print(f"{r['sampler']:>16}: {r['padding_share']:.1%} of {r['padded_tokens']:,} positions are padding, "
               f"{r['distinct_batch_lengths']} distinct batch lengths")

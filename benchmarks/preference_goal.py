@@ -22,7 +22,6 @@ Measured (the goal run, the scaled-down DPO/SimPO runs, what each costs): docs/r
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, SHARED, machine
+from benchmarks.common import REAL_DATA, SHARED, machine, write_csv
 
 SMOL_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 COLUMNS = ["row", "loss_type", "beta", "learning_rate", "dpo_steps", "train_seconds", "eval_seconds",
@@ -75,11 +74,7 @@ def row_of(setting: str, report: dict[str, Any], steps: int, train_s: float, eva
 
 def write_rows(path: str, rows: list[dict[str, Any]]) -> None:
     """Rewritten after every setting, so a long run that is stopped keeps the rows it finished."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ Measured: docs/results.md#preference-stage-speed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, SMOL_GGUF, machine
+from benchmarks.common import REAL_DATA, SMOL_GGUF, machine, write_csv
 
 COLUMNS = ["row", "seconds", "peak_rss_gb", "ratio", "goal", "met", "steps", "machine", "commit", "date", "command"]
 
@@ -113,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
          "ratio": dpo_s / sft_s if sft_s else None, "goal": "dpo_stage <= 3 x sft_epoch and <= 3 GB peak RSS",
          "met": bool(sft_s) and dpo_s / sft_s <= 3 and dpo_rss <= 3, "command": dpo_line},
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, **stamp})
+    write_csv(args.out, [{**{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, **stamp}
+                         for row in rows], COLUMNS)
     for row in rows:
         print(f"{row['row']:<10} {row['seconds']:8.2f} s  {row.get('goal', '')}  {row.get('met', '')}")
     print(f"{args.out} ({stamp['machine']})")

@@ -15,7 +15,6 @@ Measured: docs/results.md#reward-model-judge.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REAL_DATA, SMOL_GGUF, machine
+from benchmarks.common import REAL_DATA, SMOL_GGUF, machine, write_csv
 
 COLUMNS = ["setting", "train_cut", "train_pairs", "test_pairs", "steps", "train_seconds", "heldout_seconds", "wall_seconds",
            "raw", "raw_ci_low", "raw_ci_high", "matched", "matched_ci_low", "matched_ci_high", "half",
@@ -62,14 +61,7 @@ def row_of(setting: str, record: dict, wall: float) -> dict:
 
 
 def append_row(path: str, row: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.is_file()
-    with open(out, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    write_csv(path, [row], COLUMNS, append=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,12 @@ Writes metrics/bench_split_leakage.csv; results: docs/results.md ("Near-duplicat
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
-from common import REAL_DATA, REPO, cpu_description, load_average
+from common import REAL_DATA, REPO, cpu_description, load_average, write_csv
 
 THRESHOLDS = ("exact", 1.0, 0.9, 0.85, 0.8, 0.78, 0.75, 0.7)
 COLUMNS = ["rows", "threshold", "clusters", "largest_cluster", "train", "validation", "test", "test_questions",
@@ -113,12 +111,7 @@ def main() -> int:
                    "device": cpu_description()}
             print({k: v for k, v in row.items() if k != "device"}, flush=True)
             rows.append(row)
-    out = Path(a.out)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {write_csv(a.out, rows, COLUMNS)}")
     return 0
 
 
