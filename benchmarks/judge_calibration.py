@@ -28,15 +28,11 @@ from benchmarks.common import REAL_DATA, REPO, SMOL_GGUF, machine, write_csv
 
 
 def held_out_pairs(n: int, seed: int = 42) -> list[dict]:
-    """The first n test-split pairs of the real data, one per question (a question's repeats are not independent)."""
+    """The first n test-split pairs of the real data, picked as evaluate picks its judge's calibration pairs."""
     from fine_tune_llm.data.rows import load_splits
+    from fine_tune_llm.eval.behaviour import calibration_pairs
 
-    seen, out = set(), []
-    for row in load_splits(str(REAL_DATA), seed=seed)["test"]:
-        if row.get("rejected") and row["question"] not in seen:
-            seen.add(row["question"])
-            out.append(row)
-    return out[:n]
+    return calibration_pairs(load_splits(str(REAL_DATA), seed=seed)["test"], n)
 
 
 def cross_check(pairs: list[dict], judge, other) -> float:
