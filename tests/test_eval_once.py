@@ -241,3 +241,18 @@ def test_the_quantized_view_generates_mixed_batches_like_column_by_column(prefer
     want = reference_columns_greedy(columns, tokenizer, questions, 16, cfg.system_prompt)
     for name in columns.names:
         assert [g[name]["answer"] for g in ours["greedy"]] == [a["answer"] for a in want[name]], name
+
+
+def test_evaluation_runs_sdpa_where_the_run_trained_with_eager_and_scores_the_same(preference_run):
+    import dataclasses
+
+    cfg = dataclasses.replace(preference_run.read_config(), attn_implementation="eager")
+    rows, tokenizer = eval_rows(preference_run, "test"), load_tokenizer(cfg)
+    columns = load_columns(preference_run, cfg)
+    assert columns.model.config._attn_implementation == "sdpa"
+    with columns.use("tuned") as model:
+        sdpa = reference_score_model(model, tokenizer, cfg, rows)
+        model.get_base_model().set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        eager = reference_score_model(model, tokenizer, cfg, rows)
+    assert_close(sdpa, eager)
