@@ -121,14 +121,15 @@ def score_sharing_prompts(model, input_ids: Sequence[Sequence[int]], completion_
     takes no custom mask (flash-attention), are scored as score_tokens scores them (`batch_size` a batch)."""
     from ..train.preference_logps import packed_pair_logps, shares_prompts
 
-    pairs, rest = ((*_shared_prompt_pairs(input_ids, completion_mask),) if takes_logits_to_keep(model)
-                   and shares_prompts(model) else ([], list(range(len(input_ids)))))
+    if takes_logits_to_keep(model) and shares_prompts(model):
+        pairs, rest = _shared_prompt_pairs(input_ids, completion_mask)
+    else:
+        pairs, rest = [], list(range(len(input_ids)))
     nats, tokens = [0.0] * len(input_ids), [0] * len(input_ids)
-    if pairs:
+    if pairs:  # packed_pair_logps runs under inference_mode itself
         answer = [[input_ids[i][p:] for i, _, p in pairs], [input_ids[j][p:] for _, j, p in pairs]]
-        with torch.inference_mode():
-            logps = packed_pair_logps(model, [input_ids[i][:p] for i, _, p in pairs], *answer, pad_id,
-                                      desc=f"{desc or 'scoring'} (pairs)", progress=progress)
+        logps = packed_pair_logps(model, [input_ids[i][:p] for i, _, p in pairs], *answer, pad_id,
+                                  desc=f"{desc or 'scoring'} (pairs)", progress=progress)
         for n, (i, j, _) in enumerate(pairs):
             nats[i], tokens[i] = -logps["chosen"][n], len(answer[0][n])
             nats[j], tokens[j] = -logps["rejected"][n], len(answer[1][n])
