@@ -15,6 +15,7 @@ import torch
 from fine_tune_llm.data.formats import assistant_turns, with_answer
 from fine_tune_llm.data.rows import SAMPLE_DATA
 from fine_tune_llm.data.tokenized import encode_examples
+from fine_tune_llm.eval import evaluate
 from fine_tune_llm.eval.evaluate import (
     compare_generations,
     eval_rows,
@@ -24,6 +25,7 @@ from fine_tune_llm.eval.evaluate import (
     load_columns,
 )
 from fine_tune_llm.eval.scoring import Scored, language_metrics, preference_metrics, score_tokens
+from fine_tune_llm.eval.shared_trunk import SharedTrunk
 from fine_tune_llm.model.generation import BASE, generate_columns
 from fine_tune_llm.model.loading import load_tokenizer
 from fine_tune_llm.run import RunDir
@@ -114,7 +116,8 @@ def reference_columns_greedy(columns, tokenizer, questions, max_new_tokens, syst
 @pytest.fixture(scope="module")
 def preference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-once")
-    _cfg, sft = train_tiny(root, "sft", **STEPS)
+    # LoRA on the top block only: the columns share the block below it (eval/shared_trunk.py)
+    _cfg, sft = train_tiny(root, "sft", lora_layers=1, **STEPS)
     cfg = preference_config(sft.run.path, learning_rate=5e-3, max_steps=2, eval_steps=2, save_steps=2,
                             logging_steps=1)
     return train_preference(cfg, resume=False).run
@@ -187,11 +190,16 @@ def test_a_preference_run_reports_the_same_numbers_and_greedy_answers_as_column_
     packed, pack = [], preference_logps.packed_pair_logps
     monkeypatch.setattr(preference_logps, "packed_pair_logps",
                         lambda model, prompts, *a, **k: packed.append(len(prompts)) or pack(model, prompts, *a, **k))
+    trunks = []
+    monkeypatch.setattr(evaluate, "SharedTrunk", lambda model: trunks.append(SharedTrunk(model)) or trunks[-1])
     # 3 columns x 2 modes x 5 questions in batches of 7: batches that split a column's questions and mix columns.
     report, columns, _questions = check_against_reference(preference_run, tmp_path, 5, 7)
     assert columns.names == ["base", "sft", "tuned"] and report["metrics"]["tuned"]["pairs"] == 16
     # Each column ran every pair's chosen and rejected answer in one row, the prompt once (the reference: apart).
     assert packed == [16, 16, 16]
+    # The base column ran block 0 and kept what enters block 1; the adapters' columns started there, every call.
+    [trunk] = trunks
+    assert trunk.first == 1 and len(trunk.kept) == trunk.calls > 0
     # The three columns differ, so the mixed batches kept each row on its own adapter.
     assert len({report["metrics"][n]["perplexity"] for n in columns.names}) == 3
     answers = [tuple(g[n]["answer"] for g in report["generations"]["greedy"]) for n in columns.names]

@@ -34,6 +34,7 @@ from . import harness as lm_harness
 from . import harness_report
 from .behaviour import judge_behaviour
 from .scoring import Scored, language_metrics, preference_metrics, score_parts
+from .shared_trunk import SharedTrunk
 
 log = logging.getLogger(__name__)
 # float32 compute: bf16 logits can differ in the third digit with the shape of the batch (on GPUs), and
@@ -90,6 +91,18 @@ def score_model(model, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], 
     parts = parts if parts is not None else scoring_parts(tokenizer, cfg, rows)
     scored = score_parts(model, tokenizer, parts, batch_size, desc=label or "scoring", progress=progress)
     return column_metrics(scored, rows, seed)
+
+
+def score_columns(columns: Columns, tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]], batch_size: int = 8,
+                  seed: int = 0, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """score_model's metrics for every column, on the same parts, the blocks below the lowest adapted one run for
+    the first column only (SharedTrunk: the later columns start from its hidden states there)."""
+    parts, trunk, metrics = scoring_parts(tokenizer, cfg, rows), SharedTrunk(columns.model), {}
+    for n, name in enumerate(columns.names):
+        with columns.use(name) as model, (trunk.replay() if n else trunk.record()):
+            metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
+                                        seed=seed, progress=progress, parts=parts)
+    return metrics
 
 
 def scoring_parts(tokenizer, cfg: TrainConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
@@ -275,11 +288,7 @@ def evaluate_run(run_dir: RunDir | str | Path, split: str = "test", batch_size: 
         tokenizer = load_tokenizer(cfg)
         harness = lm_harness.plan(run, cfg, tokenizer, rows, tasks, split) if tasks else None
         columns = load_columns(run, cfg, quantized)
-        parts, metrics = scoring_parts(tokenizer, cfg, rows), {}
-        for name in columns.names:
-            with columns.use(name) as model:
-                metrics[name] = score_model(model, tokenizer, cfg, rows, batch_size, label=columns.labels[name],
-                                            seed=seed, progress=progress, parts=parts)
+        metrics = score_columns(columns, tokenizer, cfg, rows, batch_size, seed, progress)
         n_generations = cfg.eval_generations if n_generations is None else n_generations
         questions = generation_prompts(rows, n_generations, seed)
         generations = compare_generations(columns, tokenizer, questions, max_new_tokens, generation_rows,
