@@ -157,15 +157,16 @@ def packed_pair_logps(model, prompts, chosen, rejected, pad_id: int, batch_token
         logits = model(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
                        use_cache=False, logits_to_keep=keep.to(device)).logits
         logits = logits.reshape(-1, logits.shape[-1])
-        # The prompt's last position is each row's first kept one: it scores the rejected answer's first token too.
+        # The prompt's last position is each row's first kept one: it scores the rejected answer's first token too
+        # (a few rows picked apart: concatenating them to all the logits would copy every kept logit).
         row_starts = torch.cumsum(keep.sum(dim=1), 0) - keep.sum(dim=1)
-        logits = torch.cat([logits, logits[row_starts.to(logits.device)]])
-        nll = ChunkedCrossEntropy.apply(logits, torch.cat([targets, first_rejected]).to(device))[0].double().cpu()
+        nll = ChunkedCrossEntropy.apply(logits, targets.to(device))[0].double().cpu()
+        first = ChunkedCrossEntropy.apply(logits[row_starts.to(logits.device)], first_rejected.to(device))[0]
         counts = keep.sum(dim=1).tolist()
-        for b, (i, chunk) in enumerate(zip(idx, torch.split(nll[:len(targets)], counts))):
+        for b, (i, chunk) in enumerate(zip(idx, torch.split(nll, counts))):
             n_chosen = len(chosen[i])
             out["chosen"][i] = -chunk[:n_chosen].sum().item()
-            out["rejected"][i] = -(chunk[n_chosen:].sum() + nll[len(targets) + b]).item()
+            out["rejected"][i] = -(chunk[n_chosen:].sum() + first[b].double()).item()
     return out
 
 
