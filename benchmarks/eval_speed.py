@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/eval_speed.py --threads 2        # SmolLM2 on 2,000 real rows: SFT, a DPO run, then
                                                                  # evaluate (hours on a CPU: the DPO run dominates)
+    .venv/bin/python benchmarks/eval_speed.py --dpo-run runs/preference-speed/dpo --threads 2
+                                                # a fresh SFT epoch beside the evaluation of a full DPO run
     .venv/bin/python benchmarks/eval_speed.py --sft-run runs/eval-speed/sft --dpo-run runs/eval-speed/dpo
     .venv/bin/python benchmarks/eval_speed.py --data-samples 200 --dpo-max-steps 2 --generations 3 \\
         --max-new-tokens 16 --out /tmp/eval_speed.csv                                  # a quick check that it runs
 
 One SFT run of the smollm2-135m preset on --data-samples real psychology rows (80% train) and one DPO stage after it
-(--dpo-max-steps caps it: evaluation does not depend on how long DPO trained), or the runs given. The SFT epoch's
+(--dpo-max-steps caps it: evaluation depends on how long DPO trained only through its answers' lengths), or the
+runs given; --dpo-run alone trains the SFT epoch here, so both times come from one machine in one run. The SFT epoch's
 time is the Trainer's own train_runtime from the SFT run's trainer_state.json (periodic evaluations included; a
 resumed run records its last session only, so pass a run trained in one go). Then the DPO run is evaluated (base /
 SFT / SFT+DPO, --generations answers per column, greedy and sampled) as `fine-tune-llm evaluate` does it, and, with
