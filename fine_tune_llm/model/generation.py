@@ -46,9 +46,10 @@ def save_inference_files(tokenizer, model, out: Path) -> None:
     generation_config(tokenizer, getattr(model, "generation_config", None)).save_pretrained(str(out))
 
 
-# Rows of one generate call when several columns answer together (generate_columns): larger batches cost much less
-# per token on a CPU, up to a point (measured: docs/results.md#evaluation-speed).
-GENERATION_ROWS = 48
+# Rows of one batch when several columns answer together (generate_columns): a decoding step pays for reading the
+# weights once for all its rows, and ended rows leave the batch, so all of a default evaluation's answers fit one
+# batch; what grows with the rows is the KV cache, rows x (prompt + answer) tokens (measured: docs/results.md#evaluation-speed).
+GENERATION_ROWS = 192
 BASE = "__base__"  # peft's name for "every adapter off" in a mixed-adapter batch
 
 
