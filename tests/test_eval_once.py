@@ -264,3 +264,67 @@ def test_evaluation_runs_sdpa_where_the_run_trained_with_eager_and_scores_the_sa
         assert model.config._attn_implementation == "eager"
         eager = reference_score_model(model, tokenizer, cfg, rows)
     assert_close(sdpa, eager)
+
+
+# --- the decoding loop: each prompt prefilled once per adapter, ended rows dropped, generate's answers ---------
+
+def test_decoding_prefills_each_prompt_once_drops_ended_rows_and_answers_as_generate(preference_run, monkeypatch):
+    from fine_tune_llm.model import generation
+
+    cfg = preference_run.read_config()
+    tokenizer, columns = load_tokenizer(cfg), load_columns(preference_run, cfg)
+    questions = generation_prompts(eval_rows(preference_run, "test"), 6)
+    adapters = [BASE, "sft", "tuned"]
+    fed = []
+    spy = columns.model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:  # 64 tokens: the tiny model's answers end anywhere from ~20 tokens to the cap
+        ours = generate_columns(columns.model, tokenizer, questions, adapters, 64, 0, 36, cfg.system_prompt,
+                                progress=False)
+    finally:
+        spy.remove()
+    # One batch: greedy then sampled rows of each adapter, the order generate_columns asks them in.
+    lengths = [a["new_tokens"] for adapter in adapters for mode in ("greedy", "sampled") for a in ours[mode][adapter]]
+    assert len(set(lengths)) > 5 and min(lengths) < 32 and max(lengths) == 64
+    # The prefill ran the 6 x 3 distinct (prompt, adapter) once each, not the 36 rows.
+    assert fed[0][0] == 18 and fed[0][1] > 1
+    # Then each step fed the rows still answering: those whose answer is longer than the tokens so far.
+    assert fed[1:] == [(sum(n > k for n in lengths), 1) for k in range(1, max(lengths))]
+    want = reference_columns_greedy(columns, tokenizer, questions, 64, cfg.system_prompt)
+    for adapter, name in zip(adapters, columns.names):
+        assert [{k: a[k] for k in want[name][0]} for a in ours["greedy"][adapter]] == want[name], name
+    # generate on the same batch, the same sampler: the same greedy and sampled answers.
+    monkeypatch.setattr(generation, "generate_only", lambda gen: ["forced"])
+    generated = generate_columns(columns.model, tokenizer, questions, adapters, 64, 0, 36, cfg.system_prompt,
+                                 progress=False)
+    for mode in ("greedy", "sampled"):
+        for adapter in adapters:
+            assert ([{**a, "seconds": 0} for a in ours[mode][adapter]]
+                    == [{**a, "seconds": 0} for a in generated[mode][adapter]]), (mode, adapter)
+
+
+def test_a_config_asking_for_a_repetition_penalty_is_answered_by_generate(preference_run, monkeypatch):
+    from transformers import GenerationConfig
+
+    from fine_tune_llm.model import generation
+    from fine_tune_llm.model.decoding import generate_only
+
+    assert generate_only(GenerationConfig(max_new_tokens=8, eos_token_id=[1, 5], top_k=5)) == []
+    assert generate_only(GenerationConfig(repetition_penalty=1.3, min_new_tokens=2)) == ["repetition_penalty",
+                                                                                         "min_new_tokens"]
+    cfg = preference_run.read_config()
+    tokenizer, columns = load_tokenizer(cfg), load_columns(preference_run, cfg)
+    questions = generation_prompts(eval_rows(preference_run, "test"), 4)
+
+    def greedy():
+        out = generate_columns(columns.model, tokenizer, questions, [BASE, "sft", "tuned"], 32, 0, 12,
+                               cfg.system_prompt, modes=("greedy",), progress=False)["greedy"]
+        return {name: [a["answer"] for a in out[adapter]] for name, adapter in zip(columns.names, out)}
+
+    plain = greedy()
+    monkeypatch.setattr(columns.model.generation_config, "repetition_penalty", 1.3)
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: pytest.fail("decode would ignore the penalty"))
+    penalized = greedy()
+    want = reference_columns_greedy(columns, tokenizer, questions, 32, cfg.system_prompt)
+    assert penalized == {name: [a["answer"] for a in want[name]] for name in columns.names}
+    assert penalized != plain  # the penalty was applied

@@ -16,6 +16,7 @@ import torch
 
 from .. import console
 from ..data.chat_template import render_prompt, turn_end, with_system
+from .decoding import RowSampler, adapter_args, decode, generate_only
 from .loading import model_device
 
 # Questions notebook 01 asks any model: everyday worries of the kind the psychology data holds.
@@ -45,9 +46,10 @@ def save_inference_files(tokenizer, model, out: Path) -> None:
     generation_config(tokenizer, getattr(model, "generation_config", None)).save_pretrained(str(out))
 
 
-# Rows of one generate call when several columns answer together (generate_columns): larger batches cost much less
-# per token on a CPU, up to a point (measured: docs/results.md#evaluation-speed).
-GENERATION_ROWS = 48
+# Rows of one batch when several columns answer together (generate_columns): a decoding step pays for reading the
+# weights once for all its rows, and ended rows leave the batch, so all of a default evaluation's answers fit one
+# batch; what grows with the rows is the KV cache, rows x (prompt + answer) tokens (measured: docs/results.md#evaluation-speed).
+GENERATION_ROWS = 192
 BASE = "__base__"  # peft's name for "every adapter off" in a mixed-adapter batch
 
 
@@ -93,19 +95,19 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
                      max_new_tokens: int = 128, seed: int = 0, rows: int = GENERATION_ROWS,
                      system_prompt: str | None = None, modes: Sequence[str] = ("greedy", "sampled"),
                      progress: bool = True) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Every adapter's greedy and sampled answers to the same questions, `rows` answers per generate call:
+    """Every adapter's greedy and sampled answers to the same questions, `rows` answers a batch:
     {mode: {adapter: [answer per question]}}, answers as generate_answers makes them.
 
     One base model, adapters mixed in a batch (peft's adapter_names; BASE runs with every adapter off), padded on
     the left: a greedy answer is the one generate_answers gives with that adapter alone. A sampled answer draws
     from its own generator, seeded by (seed, question): it depends on the model, the question and the seed only,
     never on the batch it shares, and every adapter answering a question draws the same random stream.
-    Rows are ordered adapter by adapter, so a batch mostly holds answers of similar length. A model without
-    adapters (no peft) answers as BASE.
+    A batch is decoded by decoding.decode (each prompt prefilled once per adapter, ended rows dropped), or by
+    model.generate where the config asks what only generate does (decoding.generate_only). Rows are ordered
+    adapter by adapter. A model without adapters (no peft) answers as BASE.
     """
-    from transformers import LogitsProcessorList
-
     gen, warpers = _generation_settings(model, tokenizer, max_new_tokens, do_sample=False)
+    answer_rows = _generated if generate_only(gen) else decode
     conversations, prompts = _prompts(tokenizer, questions, system_prompt)
     asks = [Ask(q, a, mode == "sampled") for a in adapters for mode in modes for q in range(len(questions))]
     answers: dict[Ask, dict[str, Any]] = {}
@@ -114,13 +116,10 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
         batch = asks[start:start + rows]
         t0 = time.perf_counter()
         enc = _left_padded(tokenizer, [prompts[a.question] for a in batch], model_device(model))
-        # Named on every row, base rows too: without adapter_names a peft model runs its active adapter.
-        extra = {"adapter_names": [a.adapter for a in batch]} if hasattr(model, "peft_config") else {}
-        if any(a.sample for a in batch):
-            sampler = RowSampler(warpers, [_row_seed(seed, prompts[a.question]) if a.sample else None for a in batch],
-                                 enc["input_ids"].device)
-            extra["logits_processor"] = LogitsProcessorList([sampler])
-        ids = model.generate(**enc, generation_config=gen, **extra)[:, enc["input_ids"].shape[1]:].tolist()
+        names = [a.adapter for a in batch] if hasattr(model, "peft_config") else None
+        sampler = RowSampler(warpers, [_row_seed(seed, prompts[a.question]) if a.sample else None for a in batch],
+                             enc["input_ids"].device)
+        ids = answer_rows(model, enc, names, sampler, gen)
         seconds = (time.perf_counter() - t0) / len(ids)
         for ask, new in zip(batch, ids):
             answers[ask] = _answer(tokenizer, conversations[ask.question], new, gen, seconds)
@@ -128,27 +127,14 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
             for mode in modes}
 
 
-class RowSampler:
-    """A logits processor that samples each row with its own generator (rows without one stay greedy) and hands
-    generate a one-hot score, so greedy decoding keeps the pick. The warpers are those generate itself applies
-    when sampling (temperature, top-k, top-p, from the model's generation config), in the same order."""
+def _generated(model, enc, adapters: list[str] | None, sampler: RowSampler, gen) -> list[list[int]]:
+    """Each row's new tokens from model.generate (padded after the stop token), the sampler as its logits
+    processor: decode's arguments, for a config asking what only generate does (decoding.generate_only)."""
+    from transformers import LogitsProcessorList
 
-    def __init__(self, warpers: list, seeds: list[int | None], device: torch.device):
-        self.warpers = warpers
-        self.generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        for row, generator in enumerate(self.generators):
-            if generator is None:
-                continue
-            warped = scores[row:row + 1]
-            for warper in self.warpers:
-                warped = warper(input_ids[row:row + 1], warped)
-            pick = torch.multinomial(torch.softmax(warped[0], dim=-1), 1, generator=generator)
-            out[row] = float("-inf")
-            out[row, pick] = 0.0
-        return out
+    out = model.generate(**enc, generation_config=gen, logits_processor=LogitsProcessorList([sampler]),
+                         **adapter_args(adapters))
+    return out[:, enc["input_ids"].shape[1]:].tolist()
 
 
 def _row_seed(seed: int, prompt: str) -> int:
