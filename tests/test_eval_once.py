@@ -328,3 +328,29 @@ def test_a_config_asking_for_a_repetition_penalty_is_answered_by_generate(prefer
     want = reference_columns_greedy(columns, tokenizer, questions, 32, cfg.system_prompt)
     assert penalized == {name: [a["answer"] for a in want[name]] for name in columns.names}
     assert penalized != plain  # the penalty was applied
+
+
+def test_generation_batches_keep_their_kv_cache_within_the_budget(monkeypatch, preference_run):
+    from fine_tune_llm.model import generation
+    from fine_tune_llm.model.decoding import kv_bytes_per_token
+    from fine_tune_llm.model.generation import Ask, cache_bounded_batches
+
+    monkeypatch.setattr(generation, "GENERATION_CACHE_BYTES", 1000)
+    asks = [Ask(q, a, False) for a in "xy" for q in range(3)]
+    widths = [100, 300, 100]  # prompt + answer tokens, by question; 1 byte a token below
+
+    def cut(rows, widths=widths):
+        return [[(a.question, a.adapter) for a in b] for b in cache_bounded_batches(asks, widths, rows, 1)]
+
+    # 4 rows would hold 4 x 300 bytes: three do
+    assert cut(4) == [[(0, "x"), (1, "x"), (2, "x")], [(0, "y"), (1, "y"), (2, "y")]]
+    assert cut(2) == [[(0, "x"), (1, "x")], [(2, "x"), (0, "y")], [(1, "y"), (2, "y")]]
+    # a prompt past the budget is a batch of its own
+    assert cut(4, [2000, 10, 10]) == [[(0, "x")], [(1, "x"), (2, "x")], [(0, "y")], [(1, "y"), (2, "y")]]
+    # The bytes a token takes are those the model's cache really holds.
+    cfg = preference_run.read_config()
+    model = load_columns(preference_run, cfg).model
+    with torch.inference_mode():
+        cache = model(input_ids=torch.ones((1, 10), dtype=torch.long), use_cache=True).cache
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_bytes_per_token(model) == held / 10

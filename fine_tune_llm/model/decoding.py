@@ -146,6 +146,17 @@ def _distinct_rows(ids: torch.Tensor, adapters: list[str] | None) -> tuple[list[
     return firsts, of_row
 
 
+def kv_bytes_per_token(model) -> int:
+    """The KV cache one token of one row holds: keys and values of every layer, in the compute dtype (float32 where
+    the weights are quantized)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = getattr(model, "dtype", torch.float32)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * (dtype.itemsize if dtype.is_floating_point else 4)
+
+
 def adapter_args(adapters: list[str] | None) -> dict:
     """The model's keyword for each row's adapter: none for a model without adapters."""
     # Named on every row, base rows too: without adapter_names a peft model runs its active adapter.

@@ -16,7 +16,7 @@ import torch
 
 from .. import console
 from ..data.chat_template import render_prompt, turn_end, with_system
-from .decoding import RowSampler, adapter_args, decode, generate_only
+from .decoding import RowSampler, adapter_args, decode, generate_only, kv_bytes_per_token
 from .loading import model_device
 
 # Questions notebook 01 asks any model: everyday worries of the kind the psychology data holds.
@@ -50,6 +50,8 @@ def save_inference_files(tokenizer, model, out: Path) -> None:
 # weights once for all its rows, and ended rows leave the batch, so all of a default evaluation's answers fit one
 # batch; what grows with the rows is the KV cache, rows x (prompt + answer) tokens (measured: docs/results.md#evaluation-speed).
 GENERATION_ROWS = 192
+# ...and at most this much KV cache: long prompts (multi-turn conversations) make a batch of fewer rows.
+GENERATION_CACHE_BYTES = 2 * 1024**3
 BASE = "__base__"  # peft's name for "every adapter off" in a mixed-adapter batch
 
 
@@ -110,10 +112,10 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
     answer_rows = _generated if generate_only(gen) else decode
     conversations, prompts = _prompts(tokenizer, questions, system_prompt)
     asks = [Ask(q, a, mode == "sampled") for a in adapters for mode in modes for q in range(len(questions))]
+    widths = [len(ids) + max_new_tokens for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     answers: dict[Ask, dict[str, Any]] = {}
-    for start in console.progress(range(0, len(asks), rows), desc="generating", unit="batch",
-                                  disable=not progress, leave=False):
-        batch = asks[start:start + rows]
+    for batch in console.progress(cache_bounded_batches(asks, widths, rows, kv_bytes_per_token(model)),
+                                  desc="generating", unit="batch", disable=not progress, leave=False):
         t0 = time.perf_counter()
         enc = _left_padded(tokenizer, [prompts[a.question] for a in batch], model_device(model))
         names = [a.adapter for a in batch] if hasattr(model, "peft_config") else None
@@ -125,6 +127,22 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
             answers[ask] = _answer(tokenizer, conversations[ask.question], new, gen, seconds)
     return {mode: {a: [answers[Ask(q, a, mode == "sampled")] for q in range(len(questions))] for a in adapters}
             for mode in modes}
+
+
+def cache_bounded_batches(asks: list[Ask], widths: list[int], rows: int, bytes_per_token: int) -> list[list[Ask]]:
+    """`asks` in order, cut into batches of at most `rows` whose KV cache, rows x the widest of their prompts plus
+    the answer (`widths`, by question), stays within GENERATION_CACHE_BYTES (a single ask may pass it)."""
+    batches: list[list[Ask]] = []
+    batch: list[Ask] = []
+    width = 0
+    for ask in asks:
+        wider = max(width, widths[ask.question])
+        if batch and (len(batch) == rows or (len(batch) + 1) * wider * bytes_per_token > GENERATION_CACHE_BYTES):
+            batches.append(batch)
+            batch, wider = [], widths[ask.question]
+        batch.append(ask)
+        width = wider
+    return batches + ([batch] if batch else [])
 
 
 def _generated(model, enc, adapters: list[str] | None, sampler: RowSampler, gen) -> list[list[int]]:
