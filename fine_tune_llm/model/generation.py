@@ -97,8 +97,9 @@ def generate_columns(model, tokenizer, questions: Sequence[str | list[dict[str, 
                      max_new_tokens: int = 128, seed: int = 0, rows: int = GENERATION_ROWS,
                      system_prompt: str | None = None, modes: Sequence[str] = ("greedy", "sampled"),
                      progress: bool = True) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """Every adapter's greedy and sampled answers to the same questions, `rows` answers a batch:
-    {mode: {adapter: [answer per question]}}, answers as generate_answers makes them.
+    """Every adapter's greedy and sampled answers to the same questions, `rows` answers a batch (fewer where their
+    KV cache would pass GENERATION_CACHE_BYTES): {mode: {adapter: [answer per question]}}, answers as
+    generate_answers makes them.
 
     One base model, adapters mixed in a batch (peft's adapter_names; BASE runs with every adapter off), padded on
     the left: a greedy answer is the one generate_answers gives with that adapter alone. A sampled answer draws
