@@ -10,11 +10,8 @@ same tensors go on, so the numbers are the same, and those blocks cost once inst
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # Hidden states kept for the later columns, at most; the forwards past it run whole. The preset's 250 test pairs
 # keep ~80 MB (576 wide, float32); a 2,048-wide model on a few thousand rows stays under this.
@@ -31,6 +28,7 @@ class SharedTrunk:
         self.layers, self.first = trunk_layers(model)
         self.keep_bytes = keep_bytes
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token ids, hidden states entering block first)
+        self.kept_bytes = 0
         self.calls = 0  # forward calls seen in this record or replay
         self.ids: torch.Tensor | None = None  # record: the current call's token ids
         self.hidden: torch.Tensor | None = None  # replay: the current call's kept hidden states, if any
@@ -72,9 +70,11 @@ class SharedTrunk:
 
     def _keep_entering(self, _module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
-        size = sum(h.numel() * h.element_size() for _, h in self.kept)
-        if self.ids is not None and len(self.kept) == self.calls - 1 and size + hidden.numel() * hidden.element_size() <= self.keep_bytes:
+        size = hidden.numel() * hidden.element_size()
+        # Kept only while every earlier call was: kept[n] is always call n + 1's.
+        if self.ids is not None and len(self.kept) == self.calls - 1 and self.kept_bytes + size <= self.keep_bytes:
             self.kept.append((self.ids, hidden))
+            self.kept_bytes += size
         self.ids = None
 
     def _replay_tokens(self, _module, args):
